@@ -1,0 +1,409 @@
+"""`App`: the registry of workflows and steps, and the client of the store."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from flowdesk import codec, errors
+from flowdesk.engine import registry
+from flowdesk.engine.writer import Writer
+from flowdesk.store import base
+from flowdesk.store import sqlite as sqlite_store
+from flowdesk.store.base import NewRun, Page, RunRecord, RunStatus, StepRecord
+
+if TYPE_CHECKING:
+    from flowdesk.engine.worker import Worker
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_URL = "sqlite:///flowdesk.db"
+
+
+def new_run_id() -> str:
+    """A time-ordered id (48-bit millisecond time, then 80 random bits), as 32 hex digits."""
+    return f"{int(time.time() * 1000):012x}{uuid.uuid4().hex[:20]}"
+
+
+@dataclass(frozen=True, slots=True)
+class RunHandle:
+    """What `App.start` returns: the run's id, and whether this call created it."""
+
+    id: str
+    workflow: str
+    created: bool
+    app: App
+
+    async def result(self, timeout: float | None = None) -> Any:
+        return await self.app.result(self.id, timeout=timeout)
+
+    async def status(self) -> RunStatus:
+        return (await self.app.get_run(self.id)).status
+
+
+class App:
+    """A flowdesk application: workflows, steps, and the store they run on.
+
+    ``database_url`` defaults to ``$FLOWDESK_DATABASE_URL``, else ``sqlite:///flowdesk.db``.
+    Nothing touches the disk until the first call that needs the store.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        lease_seconds: float = 30.0,
+        poll_interval: float = 0.25,
+        heartbeat_interval: float | None = None,
+        executor_threads: int = 32,
+    ) -> None:
+        self.database_url = database_url or os.environ.get("FLOWDESK_DATABASE_URL") or DEFAULT_URL
+        if lease_seconds <= 0 or poll_interval <= 0:
+            raise errors.ConfigurationError("lease_seconds and poll_interval must be > 0")
+        self.lease_ms = int(lease_seconds * 1000)
+        self.poll_interval = poll_interval
+        self.heartbeat_interval = heartbeat_interval or lease_seconds / 3
+        if self.heartbeat_interval >= lease_seconds:
+            raise errors.ConfigurationError("heartbeat_interval must be shorter than the lease")
+        self.registry = registry.Registry()
+        self._executor_threads = executor_threads
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._store: base.Store | None = None
+        self._writer: Writer | None = None
+        self._open_lock: asyncio.Lock | None = None
+        self._workers: list[Worker] = []
+        self._wake: asyncio.Event | None = None
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._fn_names: dict[Callable[..., Any], str] = {}
+
+    # -- registration ----------------------------------------------------------------
+    @overload
+    def step(self, fn: F, /) -> F: ...
+
+    @overload
+    def step(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        retries: int = 0,
+        backoff: float = 2.0,
+        retry_delay: float = 1.0,
+        max_delay: float = 60.0,
+        jitter: bool = True,
+        timeout: float | timedelta | None = None,
+        no_retry_on: tuple[type[BaseException], ...] = (),
+    ) -> Callable[[F], F]: ...
+
+    def step(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        retries: int = 0,
+        backoff: float = 2.0,
+        retry_delay: float = 1.0,
+        max_delay: float = 60.0,
+        jitter: bool = True,
+        timeout: float | timedelta | None = None,
+        no_retry_on: tuple[type[BaseException], ...] = (),
+    ) -> F | Callable[[F], F]:
+        """Mark a function (sync or async) as a step: retried on failure with exponential
+        backoff and jitter, limited to ``timeout`` seconds per attempt, recorded once."""
+        policy = registry.RetryPolicy(
+            retries=retries, delay=retry_delay, backoff=backoff, max_delay=max_delay,
+            jitter=jitter, no_retry_on=no_retry_on,
+        )
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+
+        def decorate(f: F) -> F:
+            sdef = registry.StepDef(
+                f, name=name or f.__qualname__, policy=policy, timeout=seconds
+            )
+            return sdef  # type: ignore[return-value]
+
+        return decorate(fn) if fn is not None else decorate
+
+    def workflow(
+        self,
+        name: str | None = None,
+        *,
+        queue: str = "default",
+        timeout: float | timedelta | None = None,
+    ) -> Callable[[F], F]:
+        """Register an ``async def workflow(ctx, **input)`` under ``name``."""
+
+        def decorate(fn: F) -> F:
+            wname = name or fn.__qualname__
+            seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+            self.registry.add_workflow(
+                registry.WorkflowDef(fn, name=wname, queue=queue, timeout=seconds)
+            )
+            self._fn_names[fn] = wname
+            return fn
+
+        return decorate
+
+    def workflow_name(self, workflow: str | Callable[..., Any]) -> str:
+        if isinstance(workflow, str):
+            return workflow
+        try:
+            return self._fn_names[workflow]
+        except (KeyError, TypeError):
+            raise errors.UnknownWorkflow(
+                getattr(workflow, "__qualname__", repr(workflow)), list(self.registry.workflows)
+            ) from None
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open the store (creating or upgrading its schema). Called for you on first use."""
+        if self._store is not None:
+            return
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self._store is None:
+                store = base.open_store(self.database_url)
+                await store.open()
+                self._writer = Writer(store)
+                self._store = store
+
+    async def close(self) -> None:
+        for worker in list(self._workers):
+            worker.stop()
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+            self._writer = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def __aenter__(self) -> App:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def store(self) -> base.Store:
+        if self._store is None:
+            raise errors.StoreError("The app is not open: `await app.open()` or `async with app`.")
+        return self._store
+
+    @property
+    def writer(self) -> Writer:
+        if self._writer is None:
+            raise errors.StoreError("The app is not open: `await app.open()` or `async with app`.")
+        return self._writer
+
+    @property
+    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self._executor_threads, thread_name_prefix="flowdesk-step"
+            )
+        return self._executor
+
+    def worker(
+        self, *, concurrency: int = 100, queues: Sequence[str] | None = None,
+        grace_seconds: float = 10.0,
+    ) -> _BackgroundWorker:
+        """A worker for this app. ``await w.run()`` runs it in the foreground; ``async with
+        app.worker():`` runs it in the background for the block."""
+        from flowdesk.engine.worker import Worker
+
+        return _BackgroundWorker(
+            Worker(self, concurrency=concurrency, queues=queues, grace_seconds=grace_seconds)
+        )
+
+    # -- local notifications (workers in this process) --------------------------------
+    def _wake_event(self) -> asyncio.Event:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        return self._wake
+
+    def wake(self) -> None:
+        """Tell this process's workers that new work may be due."""
+        if self._wake is not None:
+            self._wake.set()
+
+    def _attach(self, worker: Worker) -> None:
+        self._workers.append(worker)
+
+    def _detach(self, worker: Worker) -> None:
+        if worker in self._workers:
+            self._workers.remove(worker)
+
+    def _finished(self, run_id: str) -> None:
+        for fut in self._waiters.pop(run_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    # -- client operations -----------------------------------------------------------
+    async def start(
+        self,
+        workflow: str | Callable[..., Any],
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        delay: timedelta | float | None = None,
+    ) -> RunHandle:
+        """Start a run. With an ``idempotency_key`` already used for the same workflow and
+        input, returns that run instead (``created`` is False)."""
+        await self.open()
+        name = self.workflow_name(workflow)
+        wdef = self.registry.workflow(name)
+        encoded = wdef.validate(input)
+        now = int(time.time() * 1000)
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else (delay or 0)
+        new = NewRun(
+            id=new_run_id(), workflow=name, input=encoded, queue=queue or wdef.queue,
+            priority=priority, idempotency_key=idempotency_key,
+            input_hash=sqlite_store.input_hash(encoded) if idempotency_key else None,
+            due_at=now + int(seconds * 1000), created_at=now,
+        )
+        run_id, created = await self.writer.submit(lambda tx: tx.create_run(new))
+        if created:
+            self.wake()
+        return RunHandle(run_id, name, created, self)
+
+    async def signal(self, run_id: str, name: str, payload: Any = None) -> None:
+        """Send a signal; a run that waits for it wakes. Raises `RunNotFound` for an unknown
+        run and `InvalidState` for a finished one."""
+        await self.open()
+        encoded = codec.encode(payload, f"payload of signal {name!r}")
+        await self.writer.submit(lambda tx: tx.signal(run_id, name, encoded))
+        self.wake()
+
+    async def cancel(self, run_id: str, reason: str = "cancelled by request") -> RunStatus:
+        """Cancel a run and its children. Queued and waiting runs end at once; a running one
+        stops at its next step (its worker is told within a heartbeat)."""
+        await self.open()
+        status: RunStatus = await self.writer.submit(lambda tx: tx.cancel(run_id, reason))
+        if status is RunStatus.RUNNING:
+            for worker in self._workers:
+                worker.interrupt(run_id, "cancel")
+        else:
+            self._finished(run_id)
+        return status
+
+    async def retry(self, run_id: str) -> RunHandle:
+        """Resume a failed run: recorded steps are kept, the failed step runs again."""
+        await self.open()
+        await self.writer.submit(lambda tx: tx.retry(run_id))
+        self.wake()
+        run = await self.get_run(run_id)
+        return RunHandle(run_id, run.workflow, False, self)
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        await self.open()
+        run = await self.store.get_run(run_id)
+        if run is None:
+            raise errors.RunNotFound(run_id)
+        return run
+
+    async def list_runs(
+        self,
+        *,
+        status: RunStatus | str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page:
+        await self.open()
+        if status is not None and status not in RunStatus._value2member_map_:
+            raise errors.FlowdeskError(
+                f"Unknown status {status!r}: use one of {', '.join(s.value for s in RunStatus)}."
+            )
+        return await self.store.list_runs(
+            status=None if status is None else str(status), workflow=workflow, limit=limit,
+            cursor=cursor,
+        )
+
+    async def steps(self, run_id: str) -> list[StepRecord]:
+        await self.open()
+        if await self.store.get_status(run_id) is None:
+            raise errors.RunNotFound(run_id)
+        return await self.store.steps(run_id)
+
+    async def wait(self, run_id: str, timeout: float | None = None) -> RunRecord:
+        """Wait until the run is finished and return it (raises `ResultTimeout`)."""
+        await self.open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.005
+        while True:
+            status = await self.store.get_status(run_id)
+            if status is None:
+                raise errors.RunNotFound(run_id)
+            if status.finished:
+                return await self.get_run(run_id)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise errors.ResultTimeout(
+                    f"Run {run_id} is still {status.value} after {timeout} s."
+                )
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(run_id, []).append(fut)
+            wait_for = min(pause, left) if left is not None else pause
+            try:
+                await asyncio.wait_for(fut, wait_for)
+            except TimeoutError:
+                pass
+            finally:
+                waiters = self._waiters.get(run_id)
+                if waiters and fut in waiters:
+                    waiters.remove(fut)
+                    if not waiters:
+                        del self._waiters[run_id]
+            pause = min(pause * 2, self.poll_interval)
+
+    async def result(self, run_id: str, timeout: float | None = None) -> Any:
+        """Wait for the run and return its output; raises `RunFailed` or `RunCancelled`."""
+        run = await self.wait(run_id, timeout)
+        if run.status is RunStatus.FAILED:
+            raise errors.RunFailed(run_id, run.error or {})
+        if run.status is RunStatus.CANCELLED:
+            raise errors.RunCancelled(run_id, (run.error or {}).get("message", ""))
+        wdef = self.registry.workflows.get(run.workflow)
+        return run.output if wdef is None else wdef.decode_result(run.output)
+
+
+class _BackgroundWorker:
+    """A `Worker` that also works as ``async with``: started on entry, stopped on exit."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._task: asyncio.Task[None] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.worker, name)
+
+    async def run(self) -> None:
+        await self.worker.run()
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    async def __aenter__(self) -> Worker:
+        await self.worker.app.open()
+        self._task = asyncio.create_task(self.worker.run(), name="flowdesk-worker")
+        await asyncio.sleep(0)
+        return self.worker
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.worker.stop()
+        if self._task is not None:
+            await self._task

@@ -1,0 +1,379 @@
+"""`Context`: what a workflow uses to do durable work.
+
+Every call that can affect what the workflow does next takes the next sequence number
+(``seq``) in call order: steps, sleeps, signal waits, child workflows and ``now()``. On
+replay the recorded outcome at that seq is returned, after checking that the workflow
+still calls the same thing there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import random as _random
+import time
+import traceback
+import uuid as _uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+from flowdesk import codec, errors
+from flowdesk.engine import registry
+from flowdesk.store import base
+from flowdesk.store.base import Expired, Fenced, HistoryRow, NewRun, Parked, Resolved, StepRow
+
+if TYPE_CHECKING:
+    from flowdesk.engine.app import App as Runtime
+
+R = TypeVar("R")
+
+CHILD_SIGNAL = "flowdesk.child:"
+
+
+class Cancelled(BaseException):
+    """The run was cancelled while it ran; unwinds the workflow."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """What a running step may know about itself (see `current_step`)."""
+
+    run_id: str
+    seq: int
+    name: str
+    attempt: int
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.run_id}:{self.seq}"
+
+
+_current_step: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
+    "flowdesk_current_step", default=None
+)
+
+
+def current_step() -> StepInfo | None:
+    """Inside a step: its run id, seq, attempt and idempotency key. Elsewhere: None."""
+    return _current_step.get()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _seconds(value: timedelta | float | int) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def error_info(exc: BaseException, attempts: int | None = None) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+    if attempts is not None:
+        info["attempts"] = attempts
+    return info
+
+
+class Context:
+    """The handle a workflow gets as its first argument."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        run_id: str,
+        workflow: str,
+        owner: str,
+        attempt: int,
+        history: dict[int, HistoryRow],
+        versions: dict[str, int],
+    ) -> None:
+        self._rt = runtime
+        self.run_id = run_id
+        self.workflow = workflow
+        self.attempt = attempt
+        self._owner = owner
+        self._history = history
+        self._last_recorded = max(history) if history else 0
+        self._versions = versions
+        self._seq = 0
+        self._buffer: list[StepRow] = []
+        self._new_versions: dict[str, int] = {}
+        self._rng = _random.Random(run_id)
+        self._failures: dict[int, int] = {}  # id(exception) -> seq it was raised for
+
+    # -- deterministic helpers -------------------------------------------------------
+    def now(self) -> datetime:
+        """The current time, recorded: replay returns the same instant."""
+        seq = self._next("now", "now")
+        rec = self._history.get(seq)
+        if rec is not None and rec.status == "ok":
+            value = int(codec.decode(rec.output))
+        else:
+            value = _now_ms()
+            self._buffer.append(StepRow(seq, "now", "now", "ok", str(value), None, 1, value, value))
+        return datetime.fromtimestamp(value / 1000, tz=UTC)
+
+    def uuid(self) -> _uuid.UUID:
+        """A UUID that replay reproduces (drawn from a generator seeded by the run id)."""
+        return _uuid.UUID(int=self._rng.getrandbits(128), version=4)
+
+    def random(self) -> float:
+        """A float in [0, 1) that replay reproduces."""
+        return self._rng.random()
+
+    def idempotency_key(self) -> str:
+        """``run_id:seq`` of the running step; outside a step, of the next step to be called.
+
+        Pass it to the systems a step calls so that a step retried after a crash makes one
+        effect, not two."""
+        info = _current_step.get()
+        if info is not None and info.run_id == self.run_id:
+            return info.idempotency_key
+        return f"{self.run_id}:{self._seq + 1}"
+
+    def version(self, change_id: str, max_version: int, min_version: int = 0) -> int:
+        """Which version of a code change this run follows.
+
+        A run that reaches this call for the first time while executing new work gets
+        ``max_version``; a run that was already past this point when the change was made
+        (its replay still has recorded steps ahead) gets ``min_version``. The answer is
+        recorded, so each run keeps its version for good."""
+        if change_id in self._versions:
+            return self._versions[change_id]
+        value = min_version if self._seq < self._last_recorded else max_version
+        self._versions[change_id] = value
+        self._new_versions[change_id] = value
+        return value
+
+    # -- steps -----------------------------------------------------------------------
+    async def step(
+        self, fn: Callable[..., Awaitable[R]] | Callable[..., R], /, *args: Any, **kwargs: Any
+    ) -> R:
+        """Run ``fn`` as a durable step, or return its recorded result on replay."""
+        sdef = self._rt.registry.step_def(fn)
+        seq = self._next(sdef.name, "step")
+        rec = self._history.get(seq)
+        if rec is not None:
+            if rec.status == "ok":
+                result: R = sdef.decode(rec.output)
+                return result
+            err = codec.decode(rec.error) or {}
+            failure = errors.StepFailed(
+                sdef.name, seq, err.get("type", "Error"), err.get("message", "")
+            )
+            self._failures[id(failure)] = seq
+            raise failure
+        started = _now_ms()
+        policy = sdef.policy
+        attempt = 0
+        while True:
+            attempt += 1
+            token = _current_step.set(StepInfo(self.run_id, seq, sdef.name, attempt))
+            try:
+                value = await self._invoke(sdef, args, kwargs)
+                encoded = codec.encode(value, f"result of step {sdef.name!r}")
+            except Exception as exc:
+                if policy.retryable(exc) and attempt <= policy.retries:
+                    await asyncio.sleep(policy.wait_before(attempt))
+                    continue
+                info = error_info(exc, attempt)
+                await self._write(
+                    StepRow(seq, sdef.name, "step", "error", None, codec.encode(info),
+                            attempt, started, _now_ms())
+                )
+                failure = errors.StepFailed(sdef.name, seq, info["type"], info["message"])
+                self._failures[id(failure)] = seq
+                raise failure from exc
+            finally:
+                _current_step.reset(token)
+            await self._write(
+                StepRow(seq, sdef.name, "step", "ok", encoded, None, attempt, started, _now_ms())
+            )
+            if value is None:
+                return value  # type: ignore[no-any-return]
+            # Return what replay will return, so both runs see equal values.
+            decoded: R = sdef.decode(encoded)
+            return decoded
+
+    async def _invoke(
+        self, sdef: registry.StepDef[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if sdef.is_async:
+            if sdef.timeout is None:
+                return await sdef.fn(*args, **kwargs)
+            coro = sdef.fn(*args, **kwargs)
+        else:
+            ctx = contextvars.copy_context()
+            coro = asyncio.get_running_loop().run_in_executor(
+                self._rt.executor, lambda: ctx.run(sdef.fn, *args, **kwargs)
+            )
+            if sdef.timeout is None:
+                return await coro
+        try:
+            return await asyncio.wait_for(coro, sdef.timeout)
+        except TimeoutError:
+            raise errors.StepTimeout(
+                f"Step {sdef.name!r} did not finish within {sdef.timeout} s."
+            ) from None
+
+    # -- waits -----------------------------------------------------------------------
+    async def sleep(self, duration: timedelta | float) -> None:
+        """Sleep durably: the run is parked, and any worker resumes it when the time comes."""
+        seq = self._next("sleep", "sleep")
+        rec = self._history.get(seq)
+        if rec is not None and rec.status == "ok":
+            return
+        now = _now_ms()
+        if rec is not None:
+            wake_at = int(codec.decode(rec.output)["wake_at"])
+            started = now
+        else:
+            wake_at = now + int(_seconds(duration) * 1000)
+            started = now
+        done = StepRow(seq, "sleep", "sleep", "ok", codec.encode({"wake_at": wake_at}), None,
+                       1, started, max(now, wake_at))
+        if wake_at <= now:
+            self._buffer.append(done)
+            return
+        wait = StepRow(seq, "sleep", "sleep", "pending", codec.encode({"wake_at": wake_at}),
+                       None, 1, started, None)
+        await self._await(wait, None, wake_at)
+        self._buffer.append(done)  # Expired: the time came while we were recording
+
+    async def wait_signal(self, name: str, timeout: timedelta | float | None = None) -> Any:
+        """Wait for the signal ``name`` and return its payload.
+
+        A signal sent before the workflow gets here waits for it, so none is lost; signals
+        of the same name are taken oldest first. With ``timeout``, raises `WaitTimeout`
+        when no signal came in time."""
+        step_name = f"signal:{name}"
+        seq = self._next(step_name, "signal")
+        rec = self._history.get(seq)
+        if rec is not None:
+            if rec.status == "ok":
+                return codec.decode(rec.output)
+            if rec.status == "error":
+                self._raise_timeout(seq, name)
+            deadline = codec.decode(rec.output).get("deadline")
+        else:
+            deadline = None if timeout is None else _now_ms() + int(_seconds(timeout) * 1000)
+        now = _now_ms()
+        wait = StepRow(seq, step_name, "signal", "pending", codec.encode({"deadline": deadline}),
+                       None, 1, now, None)
+        outcome = await self._await(wait, name, deadline)
+        if isinstance(outcome, Resolved):
+            return outcome.payload
+        info = {"type": "WaitTimeout", "message": f"no signal {name!r} before the deadline"}
+        self._buffer.append(
+            StepRow(seq, step_name, "signal", "error", None, codec.encode(info), 1, now, now)
+        )
+        self._raise_timeout(seq, name)
+
+    def _raise_timeout(self, seq: int, name: str) -> NoReturn:
+        exc = errors.WaitTimeout(f"Run {self.run_id}: no signal {name!r} came before the timeout.")
+        self._failures[id(exc)] = seq
+        raise exc
+
+    async def child(self, workflow: str | Callable[..., Any], input: Any = None) -> Any:
+        """Start a child workflow and wait for its result (it runs on any worker).
+
+        Raises `StepFailed` when the child fails or is cancelled."""
+        name = workflow if isinstance(workflow, str) else self._rt.workflow_name(workflow)
+        wdef = self._rt.registry.workflow(name)
+        step_name = f"child:{name}"
+        seq = self._next(step_name, "child")
+        rec = self._history.get(seq)
+        child_id = f"{self.run_id}-{seq}"
+        children: list[NewRun] = []
+        if rec is not None and rec.status == "ok":
+            return self._child_outcome(seq, step_name, wdef, codec.decode(rec.output))
+        if rec is None:
+            children.append(
+                NewRun(
+                    id=child_id, workflow=name, input=wdef.validate(input), queue=wdef.queue,
+                    parent_id=self.run_id, parent_seq=seq,
+                )
+            )
+        wait = StepRow(seq, step_name, "child", "pending", codec.encode({"run_id": child_id}),
+                       None, 1, _now_ms(), None)
+        outcome = await self._await(wait, CHILD_SIGNAL + child_id, None, children)
+        assert isinstance(outcome, Resolved)
+        return self._child_outcome(seq, step_name, wdef, outcome.payload)
+
+    def _child_outcome(
+        self, seq: int, step_name: str, wdef: registry.WorkflowDef, payload: dict[str, Any]
+    ) -> Any:
+        if payload.get("status") == "succeeded":
+            return wdef.decode_result(payload.get("output"))
+        err = payload.get("error") or {}
+        failure = errors.StepFailed(
+            step_name, seq, err.get("type", payload.get("status", "Error")),
+            f"child run {payload.get('run_id')} {payload.get('status')}: {err.get('message', '')}",
+        )
+        self._failures[id(failure)] = seq
+        raise failure
+
+    # -- recording -------------------------------------------------------------------
+    def _next(self, name: str, kind: str) -> int:
+        self._seq += 1
+        seq = self._seq
+        rec = self._history.get(seq)
+        if rec is not None and (rec.name != name or rec.kind != kind):
+            raise errors.NonDeterminismError(self.run_id, seq, rec.name, name)
+        return seq
+
+    def _take_buffer(self) -> tuple[list[StepRow], dict[str, int]]:
+        rows, versions = self._buffer, self._new_versions
+        self._buffer, self._new_versions = [], {}
+        return rows, versions
+
+    def _fenced(self, exc: Fenced) -> BaseException:
+        return Cancelled() if exc.reason == "cancel" else errors.LeaseLost()
+
+    async def _write(self, row: StepRow) -> None:
+        rows, versions = self._take_buffer()
+        rows.append(row)
+        run_id, owner = self.run_id, self._owner
+        try:
+            await self._rt.writer.submit(lambda tx: tx.record(run_id, owner, rows, versions))
+        except Fenced as exc:
+            raise self._fenced(exc) from None
+
+    async def _await(
+        self, wait: StepRow, signal: str | None, deadline: int | None,
+        children: list[NewRun] | None = None,
+    ) -> base.AwaitOutcome:
+        rows, versions = self._take_buffer()
+        run_id, owner = self.run_id, self._owner
+        kids = children or []
+        try:
+            outcome: base.AwaitOutcome = await self._rt.writer.submit(
+                lambda tx: tx.await_(run_id, owner, rows, versions, wait, signal, deadline, kids)
+            )
+        except Fenced as exc:
+            raise self._fenced(exc) from None
+        if kids:
+            self._rt.wake()
+        if isinstance(outcome, Parked):
+            raise errors.Suspended()
+        assert isinstance(outcome, (Resolved, Expired))
+        return outcome
+
+    def failed_seq(self, exc: BaseException) -> int | None:
+        """The seq of the step whose failure ended the workflow with ``exc``, if any."""
+        seen: set[int] = set()
+        cur: BaseException | None = exc
+        while cur is not None and id(cur) not in seen:
+            seen.add(id(cur))
+            if id(cur) in self._failures:
+                return self._failures[id(cur)]
+            cur = cur.__cause__ or cur.__context__
+        return None
+
+    def pending(self) -> tuple[list[StepRow], dict[str, int]]:
+        return self._take_buffer()

@@ -1,0 +1,271 @@
+"""The worker: claims due runs, replays them, renews their leases, gives them back on stop.
+
+There is no coordinator. Every worker claims from the store in one atomic statement, and a
+run whose worker died is claimed again by anyone once its lease expires: recovery is the
+same path as normal work. A worker holds a coroutine only for runs that are executing; a
+run that waits (sleep, signal, child) is parked in the store and costs nothing here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+from flowdesk import codec, errors
+from flowdesk.engine import context as context_mod
+from flowdesk.store.base import Claimed, Fenced, RunStatus
+
+if TYPE_CHECKING:
+    from flowdesk.engine.app import App
+
+log = logging.getLogger("flowdesk.worker")
+
+StopReason = Literal["cancel", "lease", "shutdown"]
+
+
+class Worker:
+    """Executes runs of an `App`'s workflows.
+
+    Use ``await worker.run()`` (until `stop`), or ``async with app.worker():`` to run one in
+    the background of a block. `stop` is idempotent and safe from any thread or signal
+    handler.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        concurrency: int = 100,
+        queues: Sequence[str] | None = None,
+        grace_seconds: float = 10.0,
+        worker_id: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise errors.ConfigurationError("concurrency must be at least 1")
+        self.app = app
+        self.concurrency = concurrency
+        self.queues = list(queues) if queues else None
+        self.grace_seconds = grace_seconds
+        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stop_reasons: dict[str, StopReason] = {}
+        self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested = threading.Event()
+        self._started = time.time()
+        self.claimed_total = 0
+        self.finished_total = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Runs whose coroutine this worker holds right now."""
+        return len(self._tasks)
+
+    def holds(self, run_id: str) -> bool:
+        return run_id in self._tasks
+
+    # -- lifecycle -------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the worker to stop: it claims nothing more, lets running runs finish for up
+        to ``grace_seconds``, then gives the rest back to the queue."""
+        self._stop_requested.set()
+        if self._loop is not None and self._stopping is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._stopping.set)
+            except RuntimeError:  # loop already closed
+                pass
+
+    async def run(self) -> None:
+        app = self.app
+        await app.open()
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        if self._stop_requested.is_set():
+            self._stopping.set()
+        queues = self.queues or sorted({w.queue for w in app.registry.workflows.values()})
+        workflows = sorted(app.registry.workflows)
+        if not workflows:
+            raise errors.ConfigurationError("The app has no workflows: nothing to work on.")
+        app._attach(self)
+        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="flowdesk-heartbeat")
+        wake = app._wake_event()
+        try:
+            await self._heartbeat_once()
+            await self._claim_loop(queues, workflows, wake)
+        finally:
+            await self._drain()
+            heartbeat.cancel()
+            try:
+                await heartbeat
+            except asyncio.CancelledError:
+                pass
+            app._detach(self)
+            try:
+                await app.store.forget_worker(self.id)
+            except Exception:  # the store may be gone; the row is informational only
+                log.debug("could not remove worker row", exc_info=True)
+
+    async def _claim_loop(
+        self, queues: list[str], workflows: list[str], wake: asyncio.Event
+    ) -> None:
+        app = self.app
+        assert self._stopping is not None
+        stopping = self._stopping
+        poll = app.poll_interval
+        woken = True
+        while not stopping.is_set():
+            free = self.concurrency - len(self._tasks)
+            got = 0
+            if free > 0 and (woken or await app.store.has_due(queues, workflows)):
+                wake.clear()
+                claimed = await app.store.claim(
+                    self.id, queues, workflows, free, app.lease_ms
+                )
+                got = len(claimed)
+                for c in claimed:
+                    self._launch(c)
+            if got and got == free:
+                await asyncio.sleep(0)  # more may be due: claim again after a turn
+                woken = True
+                continue
+            waiter = asyncio.ensure_future(wake.wait())
+            stopper = asyncio.ensure_future(stopping.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {waiter, stopper}, timeout=poll, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                waiter.cancel()
+                stopper.cancel()
+            woken = waiter in done
+
+    def _launch(self, claimed: Claimed) -> None:
+        self.claimed_total += 1
+        task = asyncio.create_task(self._execute(claimed), name=f"flowdesk-run-{claimed.id}")
+        self._tasks[claimed.id] = task
+        task.add_done_callback(lambda _t, rid=claimed.id: self._done(rid))
+
+    def _done(self, run_id: str) -> None:
+        self._tasks.pop(run_id, None)
+        self._stop_reasons.pop(run_id, None)
+        self.finished_total += 1
+        self.app._wake_event().set()  # a slot is free
+
+    def interrupt(self, run_id: str, reason: StopReason) -> bool:
+        """Stop the coroutine of a run this worker holds (cancel, lost lease, shutdown)."""
+        task = self._tasks.get(run_id)
+        if task is None or task.done():
+            return False
+        self._stop_reasons.setdefault(run_id, reason)
+        task.cancel()
+        return True
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        pending = list(self._tasks.values())
+        _, still = await asyncio.wait(pending, timeout=self.grace_seconds)
+        for task in still:
+            run_id = task.get_name().removeprefix("flowdesk-run-")
+            self.interrupt(run_id, "shutdown")
+        if still:
+            await asyncio.wait(still, timeout=5)
+
+    # -- heartbeats ------------------------------------------------------------------
+    async def _heartbeat_once(self) -> None:
+        held, to_cancel = await self.app.store.heartbeat(
+            self.id,
+            self.app.lease_ms,
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "queues": self.queues or ["*"],
+                "concurrency": self.concurrency,
+                "started_at": int(self._started * 1000),
+            },
+        )
+        for run_id, task in list(self._tasks.items()):
+            if task.done():
+                continue
+            if run_id not in held:
+                log.warning("lost the lease of run %s; dropping it", run_id)
+                self.interrupt(run_id, "lease")
+            elif run_id in to_cancel:
+                self.interrupt(run_id, "cancel")
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.app.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._heartbeat_once()
+            except Exception:
+                log.exception("heartbeat failed; retrying in %.1f s", interval)
+
+    # -- one run ---------------------------------------------------------------------
+    async def _execute(self, claimed: Claimed) -> None:
+        app = self.app
+        run_id = claimed.id
+        wdef = app.registry.workflows[claimed.workflow]
+        ctx = context_mod.Context(
+            app, run_id, claimed.workflow, self.id, claimed.attempts, claimed.history,
+            claimed.versions,
+        )
+        status: RunStatus
+        output: str | None = None
+        error: str | None = None
+        failed_seq: int | None = None
+        try:
+            if claimed.cancel_requested:
+                raise context_mod.Cancelled()
+            kwargs = wdef.kwargs(claimed.input)
+            result = await wdef.fn(ctx, **kwargs)
+            output = codec.encode(result, f"result of workflow {wdef.name!r}")
+            status = RunStatus.SUCCEEDED
+        except errors.Suspended:
+            return
+        except errors.LeaseLost:
+            return
+        except context_mod.Cancelled:
+            status = RunStatus.CANCELLED
+        except asyncio.CancelledError:
+            reason = self._stop_reasons.get(run_id, "shutdown")
+            if reason == "cancel":
+                status = RunStatus.CANCELLED
+            elif reason == "shutdown":
+                await self._release(run_id)
+                return
+            else:
+                return
+        except Exception as exc:
+            status = RunStatus.FAILED
+            failed_seq = ctx.failed_seq(exc)
+            error = codec.encode(context_mod.error_info(exc))
+            if not isinstance(exc, (errors.StepFailed, errors.WaitTimeout)):
+                log.warning("run %s (%s) failed: %r", run_id, wdef.name, exc)
+        rows, versions = ctx.pending()
+        try:
+            await app.writer.submit(
+                lambda tx: tx.finish(
+                    run_id, self.id, rows, versions, status, output, error, failed_seq
+                )
+            )
+        except Fenced:
+            return
+        except Exception:
+            log.exception("could not record the end of run %s; its lease will expire", run_id)
+            return
+        app._finished(run_id)
+
+    async def _release(self, run_id: str) -> None:
+        try:
+            await self.app.writer.submit(lambda tx: tx.release(run_id, self.id))
+        except Exception:
+            log.exception("could not release run %s; its lease will expire", run_id)

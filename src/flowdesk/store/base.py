@@ -1,0 +1,353 @@
+"""The store seam: what the engine needs from a database, and the records it returns.
+
+A store does two kinds of work:
+
+* reads (`get_run`, `list_runs`, `steps`, ...), each a single statement outside any
+  write transaction;
+* writes, always through `Store.transact`: a list of operations applied in ONE database
+  transaction, each operation inside its own savepoint so that one refused operation
+  (a lost lease, an unknown run) never undoes the others. The engine batches whatever
+  writes are ready at the same moment into one call, so one commit (one fsync) serves
+  many steps of many runs: group commit.
+
+Every write that comes from a worker is *fenced*: it names the lease owner, and the store
+refuses it (`Fenced`) unless that owner still holds the run.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+class RunStatus(enum.StrEnum):
+    """A run's status; the values are the database column's."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+StepKind = Literal["step", "sleep", "signal", "child", "now"]
+StepStatus = Literal["ok", "error", "pending"]
+
+
+def ms_to_dt(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunRecord:
+    """A run as stored. Payloads (`input`, `output`, `error`) are decoded JSON."""
+
+    id: str
+    workflow: str
+    queue: str
+    priority: int
+    status: RunStatus
+    input: Any
+    output: Any
+    error: dict[str, Any] | None
+    idempotency_key: str | None
+    parent_id: str | None
+    parent_seq: int | None
+    forked_from: str | None
+    forked_seq: int | None
+    attempts: int
+    cancel_requested: bool
+    failed_seq: int | None
+    waiting_for: list[str]
+    due_at: datetime | None
+    lease_owner: str | None
+    created_at: datetime
+    started_at: datetime | None
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepRecord:
+    """One recorded step of a run: its result, its final error, or a pending wait."""
+
+    run_id: str
+    seq: int
+    name: str
+    kind: StepKind
+    status: StepStatus
+    output: Any
+    error: dict[str, Any] | None
+    attempts: int
+    started_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def duration_ms(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds() * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    """A step row to write; payloads already encoded as JSON text."""
+
+    seq: int
+    name: str
+    kind: StepKind
+    status: StepStatus
+    output: str | None
+    error: str | None
+    attempts: int
+    started_at: int
+    finished_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """What replay needs of a recorded step (payloads still encoded)."""
+
+    name: str
+    kind: StepKind
+    status: StepStatus
+    output: str | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewRun:
+    id: str
+    workflow: str
+    input: str
+    queue: str = "default"
+    priority: int = 0
+    idempotency_key: str | None = None
+    input_hash: str | None = None
+    parent_id: str | None = None
+    parent_seq: int | None = None
+    due_at: int = 0
+    created_at: int = 0
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A run a worker has just claimed, with everything replay needs."""
+
+    id: str
+    workflow: str
+    input: str
+    attempts: int
+    cancel_requested: bool
+    history: dict[int, HistoryRow] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[RunRecord]
+    next_cursor: str | None
+
+
+class Fenced(Exception):
+    """The write was refused: the run is not (or no longer) held by this lease owner."""
+
+    def __init__(self, run_id: str, reason: Literal["lease", "cancel"] = "lease") -> None:
+        super().__init__(run_id, reason)
+        self.run_id = run_id
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """An awaited thing had already happened; `payload` is its recorded value."""
+
+    payload: Any
+    error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """A wait's deadline had passed before anything arrived."""
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    """The run is now durably waiting; the worker drops it."""
+
+
+AwaitOutcome = Resolved | Expired | Parked
+
+
+class Tx(ABC):
+    """Operations that run inside `Store.transact`; ``now`` is epoch milliseconds."""
+
+    now: int
+
+    @abstractmethod
+    async def create_run(self, run: NewRun) -> tuple[str, bool]:
+        """Insert a run, or return the existing one with the same idempotency key.
+
+        Returns ``(run_id, created)``. Raises `IdempotencyConflict` when the key was used
+        for another workflow or another input."""
+
+    @abstractmethod
+    async def record(
+        self, run_id: str, owner: str, rows: Sequence[StepRow], versions: dict[str, int]
+    ) -> None:
+        """Write step rows (insert or overwrite by seq) and version markers. Fenced."""
+
+    @abstractmethod
+    async def await_(
+        self,
+        run_id: str,
+        owner: str,
+        rows: Sequence[StepRow],
+        versions: dict[str, int],
+        wait: StepRow,
+        signal: str | None,
+        deadline: int | None,
+        children: Sequence[NewRun] = (),
+    ) -> AwaitOutcome:
+        """Resolve a wait at once or park the run. Fenced.
+
+        Writes ``rows``, ``versions`` and ``children`` first. Then, when ``signal`` names a
+        pending signal, consumes the oldest one and records ``wait`` as done with its
+        payload (`Resolved`); else when ``deadline`` has passed returns `Expired` (the
+        caller records the outcome); else records ``wait`` as pending and parks the run as
+        `waiting` until the signal or the deadline (`Parked`)."""
+
+    @abstractmethod
+    async def finish(
+        self,
+        run_id: str,
+        owner: str,
+        rows: Sequence[StepRow],
+        versions: dict[str, int],
+        status: RunStatus,
+        output: str | None,
+        error: str | None,
+        failed_seq: int | None,
+    ) -> None:
+        """Close a run (fenced) and tell its parent, if any, that it finished."""
+
+    @abstractmethod
+    async def release(self, run_id: str, owner: str) -> None:
+        """Give a run back to the queue (worker shutdown). Fenced, silently."""
+
+    @abstractmethod
+    async def signal(self, run_id: str, name: str, payload: str | None) -> None:
+        """Store a signal for a run and wake the run if it waits for that name."""
+
+    @abstractmethod
+    async def cancel(self, run_id: str, reason: str) -> RunStatus:
+        """Cancel a run and its unfinished children; returns the status it ends in
+        (`running` runs are flagged and stop at their next step)."""
+
+    @abstractmethod
+    async def retry(self, run_id: str) -> None:
+        """Queue a failed run again, dropping the recorded error of the step it failed at."""
+
+
+class Store(ABC):
+    """A durable store of runs. Subclasses: `SQLiteStore` (embedded default)."""
+
+    url: str
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect, and create or upgrade the schema."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def transact(
+        self, work: Sequence[Callable[[Tx], Awaitable[Any]]]
+    ) -> list[Any]:
+        """Run each operation in one transaction, each in its own savepoint.
+
+        Returns one entry per operation: its result, or the exception it raised (its
+        savepoint rolled back, the others kept)."""
+
+    @abstractmethod
+    async def claim(
+        self, owner: str, queues: Sequence[str], workflows: Sequence[str], limit: int,
+        lease_ms: int,
+    ) -> list[Claimed]:
+        """Atomically take up to ``limit`` due runs: queued ones, waiting ones whose timer
+        fired, and running ones whose lease expired (their worker died)."""
+
+    @abstractmethod
+    async def has_due(self, queues: Sequence[str], workflows: Sequence[str]) -> bool:
+        """Cheap read: is any run claimable now?"""
+
+    @abstractmethod
+    async def next_due(self, queues: Sequence[str]) -> int | None:
+        """Epoch ms of the earliest future timer or lease expiry in these queues."""
+
+    @abstractmethod
+    async def heartbeat(
+        self, owner: str, lease_ms: int, info: dict[str, Any]
+    ) -> tuple[set[str], set[str]]:
+        """Extend the leases of every run ``owner`` holds. Returns (held, to_cancel): the
+        ids it still holds, and those of them with a cancellation request."""
+
+    @abstractmethod
+    async def forget_worker(self, owner: str) -> None: ...
+
+    @abstractmethod
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    @abstractmethod
+    async def get_status(self, run_id: str) -> RunStatus | None: ...
+
+    @abstractmethod
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page: ...
+
+    @abstractmethod
+    async def steps(self, run_id: str) -> list[StepRecord]: ...
+
+    @abstractmethod
+    async def count_runs(self, status: str | None = None) -> int: ...
+
+    @abstractmethod
+    async def workers(self) -> list[dict[str, Any]]: ...
+
+
+def open_store(url: str) -> Store:
+    """Build the store for a database URL (it is opened by `Store.open`)."""
+    from flowdesk import errors
+
+    if url.startswith("sqlite:") or url.endswith((".db", ".sqlite", ".sqlite3")):
+        from flowdesk.store import sqlite
+
+        return sqlite.SQLiteStore(url)
+    if url.startswith(("postgres://", "postgresql://", "postgresql+psycopg://")):
+        raise errors.ConfigurationError(
+            "The PostgreSQL store is not available in this version of flowdesk; "
+            "use a sqlite:/// URL."
+        )
+    raise errors.ConfigurationError(
+        f"Unsupported database URL {url!r}: use sqlite:///path/to/file.db."
+    )

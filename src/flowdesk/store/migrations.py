@@ -1,0 +1,99 @@
+"""Versioned schema migrations: ``store/sql/<dialect>/NNNN_name.sql``, applied in order.
+
+The schema version lives in ``flowdesk_meta``. A database with tables but no
+``flowdesk_meta`` is somebody else's and is refused; a database whose version is newer
+than the newest migration here was written by a newer flowdesk and is refused too.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass
+from importlib import resources
+
+from flowdesk import errors
+
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load(dialect: str) -> list[Migration]:
+    """Every migration of a dialect, in order; a gap in the numbers is an error."""
+    folder = resources.files("flowdesk.store") / "sql" / dialect
+    found: list[Migration] = []
+    for entry in folder.iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    for expected, migration in enumerate(found, start=1):
+        if migration.version != expected:
+            raise errors.StoreError(
+                f"Migration numbers of {dialect} have a gap: expected {expected:04d}, "
+                f"found {migration.version:04d}_{migration.name}.sql."
+            )
+    return found
+
+
+def latest(dialect: str) -> int:
+    return len(load(dialect))
+
+
+def migrate_sqlite(conn: sqlite3.Connection, label: str) -> int:
+    """Create or upgrade the schema in one ``BEGIN IMMEDIATE`` transaction, so concurrent
+    processes opening a new file migrate it exactly once. Returns the version now in force."""
+    steps = load("sqlite")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        tables = {
+            r[0]
+            for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if "flowdesk_meta" in tables:
+            row = conn.execute(
+                "SELECT value FROM flowdesk_meta WHERE key = 'schema_version'"
+            ).fetchone()
+            current = int(row[0]) if row else 0
+        elif tables - {"sqlite_sequence"}:
+            raise errors.StoreError(
+                f"{label!r} is a SQLite database that flowdesk did not create (it has tables "
+                f"{', '.join(sorted(tables)[:5])}). Refusing to write to it: point "
+                "FLOWDESK_DATABASE_URL at a new file."
+            )
+        else:
+            conn.execute(
+                "CREATE TABLE flowdesk_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
+            current = 0
+        if current > len(steps):
+            raise errors.SchemaTooNew(
+                f"{label!r} has schema version {current}, but this flowdesk knows only up to "
+                f"{len(steps)}. Upgrade flowdesk to use this database."
+            )
+        for migration in steps[current:]:
+            for statement in _statements(migration.sql):
+                conn.execute(statement)
+        conn.execute(
+            "INSERT INTO flowdesk_meta (key, value) VALUES ('schema_version', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(len(steps)),),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return len(steps)
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration file into statements (no statement here contains a ';' literal)."""
+    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in body.split(";") if s.strip()]
