@@ -231,7 +231,7 @@ class Context:
         now = _now_ms()
         if rec is not None:
             wake_at = int(codec.decode(rec.output)["wake_at"])
-            started = now
+            started = rec.started_at
         else:
             wake_at = now + int(_seconds(duration) * 1000)
             started = now
@@ -260,17 +260,19 @@ class Context:
             if rec.status == "error":
                 self._raise_timeout(seq, name)
             deadline = codec.decode(rec.output).get("deadline")
+            started = rec.started_at
         else:
             deadline = None if timeout is None else _now_ms() + int(_seconds(timeout) * 1000)
-        now = _now_ms()
+            started = _now_ms()
         wait = StepRow(seq, step_name, "signal", "pending", codec.encode({"deadline": deadline}),
-                       None, 1, now, None)
+                       None, 1, started, None)
         outcome = await self._await(wait, name, deadline)
         if isinstance(outcome, Resolved):
             return outcome.payload
         info = {"type": "WaitTimeout", "message": f"no signal {name!r} before the deadline"}
         self._buffer.append(
-            StepRow(seq, step_name, "signal", "error", None, codec.encode(info), 1, now, now)
+            StepRow(seq, step_name, "signal", "error", None, codec.encode(info), 1, started,
+                    _now_ms())
         )
         self._raise_timeout(seq, name)
 
@@ -299,8 +301,9 @@ class Context:
                     parent_id=self.run_id, parent_seq=seq,
                 )
             )
+        started = rec.started_at if rec is not None else _now_ms()
         wait = StepRow(seq, step_name, "child", "pending", codec.encode({"run_id": child_id}),
-                       None, 1, _now_ms(), None)
+                       None, 1, started, None)
         outcome = await self._await(wait, CHILD_SIGNAL + child_id, None, children)
         assert isinstance(outcome, Resolved)
         return self._child_outcome(seq, step_name, wdef, outcome.payload)

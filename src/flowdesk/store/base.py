@@ -126,6 +126,7 @@ class HistoryRow:
     status: StepStatus
     output: str | None
     error: str | None
+    started_at: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -521,11 +521,11 @@ class SQLiteStore(base.Store):
             if claimed:
                 ids = json.dumps(list(claimed))
                 for r in conn.execute(
-                    "SELECT run_id, seq, name, kind, status, output, error FROM steps"
+                    "SELECT run_id, seq, name, kind, status, output, error, started_at FROM steps"
                     " WHERE run_id IN (SELECT value FROM json_each(?))",
                     (ids,),
                 ):
-                    claimed[r[0]].history[r[1]] = HistoryRow(r[2], r[3], r[4], r[5], r[6])
+                    claimed[r[0]].history[r[1]] = HistoryRow(r[2], r[3], r[4], r[5], r[6], r[7])
                 for r in conn.execute(
                     "SELECT run_id, change_id, version FROM versions"
                     " WHERE run_id IN (SELECT value FROM json_each(?))",

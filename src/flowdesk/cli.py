@@ -1,0 +1,357 @@
+"""The ``flowdesk`` command line.
+
+Every command takes ``--app module:attr`` (or ``path/to/file.py:attr``; default
+``$FLOWDESK_APP``) and ``--database-url`` (default ``$FLOWDESK_DATABASE_URL``, else the
+app's, else ``sqlite:///flowdesk.db``). Read commands take ``--json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from flowdesk import errors
+from flowdesk.engine.app import App
+from flowdesk.store.base import RunRecord, StepRecord
+
+T = TypeVar("T")
+
+cli = typer.Typer(
+    name="flowdesk",
+    help="Durable workflows: run workers, start and inspect runs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+runs_cli = typer.Typer(help="List and inspect runs.", no_args_is_help=True)
+cli.add_typer(runs_cli, name="runs")
+
+AppOpt = Annotated[
+    str | None,
+    typer.Option("--app", envvar="FLOWDESK_APP", help="The app: module:attr or file.py:attr."),
+]
+DbOpt = Annotated[
+    str | None,
+    typer.Option("--database-url", envvar="FLOWDESK_DATABASE_URL", help="Database URL."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load_app(spec: str) -> App:
+    """Import ``module:attr`` or ``path/to/file.py:attr`` and return the `App` it names."""
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "app"
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        if module_name.endswith(".py") or os.sep in module_name:
+            path = Path(module_name).resolve()
+            if not path.exists():
+                _fail(f"--app {spec!r}: no file {path}")
+            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+            if mod_spec is None or mod_spec.loader is None:
+                _fail(f"--app {spec!r}: cannot import {path}")
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[path.stem] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        _fail(f"--app {spec!r}: cannot import {module_name!r}: {exc}")
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        _fail(f"--app {spec!r}: {module_name}.{attr} is not a flowdesk.App")
+    return app
+
+
+def _app(app_spec: str | None, database_url: str | None, *, required: bool = False) -> App:
+    if app_spec:
+        app = load_app(app_spec)
+        if database_url:
+            app.database_url = database_url
+        return app
+    if required:
+        _fail("this command needs the app: pass --app module:attr or set FLOWDESK_APP")
+    return App(database_url)
+
+
+def _run(app: App, body: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        try:
+            return await body()
+        finally:
+            await app.close()
+
+    try:
+        return asyncio.run(main())
+    except errors.FlowdeskError as exc:
+        _fail(str(exc))
+
+
+def _parse_json(text: str | None, what: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _run_json(run: RunRecord) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "workflow": run.workflow,
+        "status": run.status.value,
+        "queue": run.queue,
+        "input": run.input,
+        "output": run.output,
+        "error": run.error,
+        "idempotency_key": run.idempotency_key,
+        "parent_id": run.parent_id,
+        "attempts": run.attempts,
+        "waiting_for": run.waiting_for,
+        "created_at": run.created_at.isoformat(),
+        "started_at": run.started_at.isoformat() if run.started_at else None,
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+    }
+
+
+def _step_json(step: StepRecord) -> dict[str, Any]:
+    return {
+        "seq": step.seq,
+        "name": step.name,
+        "kind": step.kind,
+        "status": step.status,
+        "attempts": step.attempts,
+        "output": step.output,
+        "error": step.error,
+        "started_at": step.started_at.isoformat(),
+        "finished_at": step.finished_at.isoformat() if step.finished_at else None,
+        "duration_ms": step.duration_ms,
+    }
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@cli.command()
+def worker(
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+    concurrency: Annotated[int, typer.Option(help="Runs executed at once.")] = 100,
+    queues: Annotated[str | None, typer.Option(help="Comma-separated queues.")] = None,
+    lease_seconds: Annotated[
+        float | None, typer.Option(help="Lease length; a dead worker's runs move after it.")
+    ] = None,
+    poll_interval: Annotated[float | None, typer.Option(help="Seconds between polls.")] = None,
+) -> None:
+    """Run a worker until SIGTERM or Ctrl-C."""
+    the_app = _app(app, database_url, required=True)
+    if lease_seconds is not None:
+        the_app.lease_ms = int(lease_seconds * 1000)
+        the_app.heartbeat_interval = lease_seconds / 3
+    if poll_interval is not None:
+        the_app.poll_interval = poll_interval
+    logging.basicConfig(
+        level=os.environ.get("FLOWDESK_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    w = the_app.worker(
+        concurrency=concurrency,
+        queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
+    )
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, w.stop)
+        await the_app.open()
+        typer.echo(
+            f"flowdesk worker {w.id} on {the_app.database_url} "
+            f"({len(the_app.registry.workflows)} workflows, concurrency {concurrency})",
+            err=True,
+        )
+        await w.run()
+
+    _run(the_app, body)
+
+
+@cli.command()
+def start(
+    workflow: Annotated[str, typer.Argument(help="Workflow name.")],
+    input: Annotated[str | None, typer.Option("--input", help="Input as JSON.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Start at most once.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: seconds.")] = None,
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a run of WORKFLOW."""
+    the_app = _app(app, database_url, required=True)
+    payload = _parse_json(input, "--input")
+
+    async def body() -> None:
+        handle = await the_app.start(workflow, payload, idempotency_key=idempotency_key)
+        out: dict[str, Any] = {"id": handle.id, "workflow": workflow, "created": handle.created}
+        if wait:
+            run = await the_app.wait(handle.id, timeout=timeout)
+            out.update(status=run.status.value, output=run.output, error=run.error)
+        if as_json:
+            typer.echo(json.dumps(out, ensure_ascii=False))
+        else:
+            typer.echo(handle.id if handle.created else f"{handle.id} (existing run)")
+            if wait:
+                typer.echo(f"{out['status']}: {_short(out['output'] or out['error'], 200)}")
+        if wait and out["status"] != "succeeded":
+            raise typer.Exit(1)
+
+    _run(the_app, body)
+
+
+@runs_cli.command("list")
+def runs_list(
+    status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
+    workflow: Annotated[str | None, typer.Option(help="Only runs of this workflow.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 50,
+    cursor: Annotated[str | None, typer.Option(help="Continue from a previous page.")] = None,
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs, newest first."""
+    the_app = _app(app, database_url)
+
+    async def body() -> None:
+        page = await the_app.list_runs(
+            status=status, workflow=workflow, limit=limit, cursor=cursor
+        )
+        if as_json:
+            typer.echo(json.dumps(
+                {"runs": [_run_json(r) for r in page.items], "next_cursor": page.next_cursor},
+                ensure_ascii=False,
+            ))
+            return
+        typer.echo(f"{'ID':34} {'WORKFLOW':24} {'STATUS':10} {'CREATED':19}")
+        for r in page.items:
+            typer.echo(f"{r.id:34} {r.workflow[:24]:24} {r.status.value:10} {_when(r.created_at)}")
+        if page.next_cursor:
+            typer.echo(f"more: --cursor {page.next_cursor}")
+
+    _run(the_app, body)
+
+
+@runs_cli.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")],
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a run: status, input, output, error, and its step timeline."""
+    the_app = _app(app, database_url)
+
+    async def body() -> None:
+        run = await the_app.get_run(run_id)
+        steps = await the_app.steps(run_id)
+        if as_json:
+            typer.echo(json.dumps(
+                {**_run_json(run), "steps": [_step_json(s) for s in steps]}, ensure_ascii=False
+            ))
+            return
+        typer.echo(f"run       {run.id}")
+        typer.echo(f"workflow  {run.workflow}")
+        typer.echo(f"status    {run.status.value}"
+                   + (f" (waiting for {', '.join(run.waiting_for)})" if run.waiting_for else ""))
+        typer.echo(f"created   {_when(run.created_at)}   finished {_when(run.finished_at)}")
+        typer.echo(f"input     {_short(run.input, 200)}")
+        if run.output is not None:
+            typer.echo(f"output    {_short(run.output, 200)}")
+        if run.error is not None:
+            typer.echo(f"error     {run.error.get('type')}: {run.error.get('message')}")
+        typer.echo("")
+        typer.echo(f"{'SEQ':>4} {'STEP':28} {'STATUS':8} {'TRIES':>5} {'MS':>9}  RESULT")
+        for s in steps:
+            ms = "" if s.duration_ms is None else f"{s.duration_ms:.1f}"
+            detail = (
+                f"{s.error.get('type')}: {s.error.get('message')}" if s.error
+                else _short(s.output)
+            )
+            typer.echo(f"{s.seq:>4} {s.name[:28]:28} {s.status:8} {s.attempts:>5} {ms:>9}  "
+                       f"{detail}")
+
+    _run(the_app, body)
+
+
+@cli.command("signal")
+def signal_(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")],
+    name: Annotated[str, typer.Argument(help="Signal name.")],
+    payload: Annotated[str | None, typer.Option(help="Payload as JSON.")] = None,
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Send signal NAME to a run."""
+    the_app = _app(app, database_url)
+    value = _parse_json(payload, "--payload")
+    _run(the_app, lambda: the_app.signal(run_id, name, value))
+    typer.echo(f"signal {name!r} sent to {run_id}")
+
+
+@cli.command()
+def cancel(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")],
+    reason: Annotated[str, typer.Option(help="Why; stored on the run.")] = "cancelled by request",
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Cancel a run (and its children)."""
+    the_app = _app(app, database_url)
+    status = _run(the_app, lambda: the_app.cancel(run_id, reason))
+    if status.value == "running":
+        typer.echo(f"{run_id}: cancellation requested; it stops at its next step")
+    else:
+        typer.echo(f"{run_id}: {status.value}")
+
+
+@cli.command()
+def retry(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")],
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Resume a failed run from the step it failed at."""
+    the_app = _app(app, database_url)
+    _run(the_app, lambda: the_app.retry(run_id))
+    typer.echo(f"{run_id}: queued again")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()
