@@ -49,7 +49,9 @@ async def ship(ctx: flowdesk.Context, order_id: str) -> str:
 
 
 @app.workflow("orders.fulfil")
-async def fulfil(ctx: flowdesk.Context, order_id: str, amount: float = 10.0, items: int = 1) -> dict:
+async def fulfil(
+    ctx: flowdesk.Context, order_id: str, amount: float = 10.0, items: int = 1
+) -> dict[str, object]:
     if not await ctx.step(reserve_stock, order_id, items):
         return {"order_id": order_id, "status": "out of stock"}
     receipt = await ctx.step(charge, order_id, amount)
@@ -78,7 +80,8 @@ async def demo() -> None:
             n += 1
             amount = round(random.uniform(5, 150), 2)
             handle = await app.start(
-                "orders.fulfil", {"order_id": f"O{n:05d}", "amount": amount, "items": n % 7},
+                "orders.fulfil",
+                {"order_id": f"O{n:05d}", "amount": amount, "items": n % 7},
                 idempotency_key=f"demo-{app.database_url}-{n}-{random.random()}",
             )
             watching.append(handle)

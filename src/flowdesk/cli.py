@@ -246,14 +246,14 @@ def runs_list(
     the_app = _app(app, database_url)
 
     async def body() -> None:
-        page = await the_app.list_runs(
-            status=status, workflow=workflow, limit=limit, cursor=cursor
-        )
+        page = await the_app.list_runs(status=status, workflow=workflow, limit=limit, cursor=cursor)
         if as_json:
-            typer.echo(json.dumps(
-                {"runs": [_run_json(r) for r in page.items], "next_cursor": page.next_cursor},
-                ensure_ascii=False,
-            ))
+            typer.echo(
+                json.dumps(
+                    {"runs": [_run_json(r) for r in page.items], "next_cursor": page.next_cursor},
+                    ensure_ascii=False,
+                )
+            )
             return
         typer.echo(f"{'ID':34} {'WORKFLOW':24} {'STATUS':10} {'CREATED':19}")
         for r in page.items:
@@ -278,14 +278,18 @@ def runs_show(
         run = await the_app.get_run(run_id)
         steps = await the_app.steps(run_id)
         if as_json:
-            typer.echo(json.dumps(
-                {**_run_json(run), "steps": [_step_json(s) for s in steps]}, ensure_ascii=False
-            ))
+            typer.echo(
+                json.dumps(
+                    {**_run_json(run), "steps": [_step_json(s) for s in steps]}, ensure_ascii=False
+                )
+            )
             return
         typer.echo(f"run       {run.id}")
         typer.echo(f"workflow  {run.workflow}")
-        typer.echo(f"status    {run.status.value}"
-                   + (f" (waiting for {', '.join(run.waiting_for)})" if run.waiting_for else ""))
+        typer.echo(
+            f"status    {run.status.value}"
+            + (f" (waiting for {', '.join(run.waiting_for)})" if run.waiting_for else "")
+        )
         typer.echo(f"created   {_when(run.created_at)}   finished {_when(run.finished_at)}")
         typer.echo(f"input     {_short(run.input, 200)}")
         if run.output is not None:
@@ -297,11 +301,11 @@ def runs_show(
         for s in steps:
             ms = "" if s.duration_ms is None else f"{s.duration_ms:.1f}"
             detail = (
-                f"{s.error.get('type')}: {s.error.get('message')}" if s.error
-                else _short(s.output)
+                f"{s.error.get('type')}: {s.error.get('message')}" if s.error else _short(s.output)
             )
-            typer.echo(f"{s.seq:>4} {s.name[:28]:28} {s.status:8} {s.attempts:>5} {ms:>9}  "
-                       f"{detail}")
+            typer.echo(
+                f"{s.seq:>4} {s.name[:28]:28} {s.status:8} {s.attempts:>5} {ms:>9}  {detail}"
+            )
 
     _run(the_app, body)
 

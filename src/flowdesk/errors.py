@@ -190,7 +190,7 @@ class ResultTimeout(FlowdeskError, TimeoutError):
     """The run did not finish within the time given to ``App.result``."""
 
 
-class Permanent(Exception):  # noqa: N818 - the name reads as the intent at the raise site
+class Permanent(Exception):
     """Raise from a step to fail it at once: it is not retried."""
 
 

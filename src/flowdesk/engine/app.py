@@ -120,15 +120,17 @@ class App:
         """Mark a function (sync or async) as a step: retried on failure with exponential
         backoff and jitter, limited to ``timeout`` seconds per attempt, recorded once."""
         policy = registry.RetryPolicy(
-            retries=retries, delay=retry_delay, backoff=backoff, max_delay=max_delay,
-            jitter=jitter, no_retry_on=no_retry_on,
+            retries=retries,
+            delay=retry_delay,
+            backoff=backoff,
+            max_delay=max_delay,
+            jitter=jitter,
+            no_retry_on=no_retry_on,
         )
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
 
         def decorate(f: F) -> F:
-            sdef = registry.StepDef(
-                f, name=name or f.__qualname__, policy=policy, timeout=seconds
-            )
+            sdef = registry.StepDef(f, name=name or f.__qualname__, policy=policy, timeout=seconds)
             return sdef  # type: ignore[return-value]
 
         return decorate(fn) if fn is not None else decorate
@@ -216,7 +218,10 @@ class App:
         return self._executor
 
     def worker(
-        self, *, concurrency: int = 100, queues: Sequence[str] | None = None,
+        self,
+        *,
+        concurrency: int = 100,
+        queues: Sequence[str] | None = None,
         grace_seconds: float = 10.0,
     ) -> _BackgroundWorker:
         """A worker for this app. ``await w.run()`` runs it in the foreground; ``async with
@@ -270,10 +275,15 @@ class App:
         now = int(time.time() * 1000)
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else (delay or 0)
         new = NewRun(
-            id=new_run_id(), workflow=name, input=encoded, queue=queue or wdef.queue,
-            priority=priority, idempotency_key=idempotency_key,
+            id=new_run_id(),
+            workflow=name,
+            input=encoded,
+            queue=queue or wdef.queue,
+            priority=priority,
+            idempotency_key=idempotency_key,
             input_hash=sqlite_store.input_hash(encoded) if idempotency_key else None,
-            due_at=now + int(seconds * 1000), created_at=now,
+            due_at=now + int(seconds * 1000),
+            created_at=now,
         )
         run_id, created = await self.writer.submit(lambda tx: tx.create_run(new))
         if created:
@@ -329,7 +339,9 @@ class App:
                 f"Unknown status {status!r}: use one of {', '.join(s.value for s in RunStatus)}."
             )
         return await self.store.list_runs(
-            status=None if status is None else str(status), workflow=workflow, limit=limit,
+            status=None if status is None else str(status),
+            workflow=workflow,
+            limit=limit,
             cursor=cursor,
         )
 

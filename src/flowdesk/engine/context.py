@@ -183,8 +183,17 @@ class Context:
                     continue
                 info = error_info(exc, attempt)
                 await self._write(
-                    StepRow(seq, sdef.name, "step", "error", None, codec.encode(info),
-                            attempt, started, _now_ms())
+                    StepRow(
+                        seq,
+                        sdef.name,
+                        "step",
+                        "error",
+                        None,
+                        codec.encode(info),
+                        attempt,
+                        started,
+                        _now_ms(),
+                    )
                 )
                 failure = errors.StepFailed(sdef.name, seq, info["type"], info["message"])
                 self._failures[id(failure)] = seq
@@ -195,7 +204,7 @@ class Context:
                 StepRow(seq, sdef.name, "step", "ok", encoded, None, attempt, started, _now_ms())
             )
             if value is None:
-                return value  # type: ignore[no-any-return]
+                return None  # type: ignore[return-value]
             # Return what replay will return, so both runs see equal values.
             decoded: R = sdef.decode(encoded)
             return decoded
@@ -235,13 +244,31 @@ class Context:
         else:
             wake_at = now + int(_seconds(duration) * 1000)
             started = now
-        done = StepRow(seq, "sleep", "sleep", "ok", codec.encode({"wake_at": wake_at}), None,
-                       1, started, max(now, wake_at))
+        done = StepRow(
+            seq,
+            "sleep",
+            "sleep",
+            "ok",
+            codec.encode({"wake_at": wake_at}),
+            None,
+            1,
+            started,
+            max(now, wake_at),
+        )
         if wake_at <= now:
             self._buffer.append(done)
             return
-        wait = StepRow(seq, "sleep", "sleep", "pending", codec.encode({"wake_at": wake_at}),
-                       None, 1, started, None)
+        wait = StepRow(
+            seq,
+            "sleep",
+            "sleep",
+            "pending",
+            codec.encode({"wake_at": wake_at}),
+            None,
+            1,
+            started,
+            None,
+        )
         await self._await(wait, None, wake_at)
         self._buffer.append(done)  # Expired: the time came while we were recording
 
@@ -264,15 +291,25 @@ class Context:
         else:
             deadline = None if timeout is None else _now_ms() + int(_seconds(timeout) * 1000)
             started = _now_ms()
-        wait = StepRow(seq, step_name, "signal", "pending", codec.encode({"deadline": deadline}),
-                       None, 1, started, None)
+        wait = StepRow(
+            seq,
+            step_name,
+            "signal",
+            "pending",
+            codec.encode({"deadline": deadline}),
+            None,
+            1,
+            started,
+            None,
+        )
         outcome = await self._await(wait, name, deadline)
         if isinstance(outcome, Resolved):
             return outcome.payload
         info = {"type": "WaitTimeout", "message": f"no signal {name!r} before the deadline"}
         self._buffer.append(
-            StepRow(seq, step_name, "signal", "error", None, codec.encode(info), 1, started,
-                    _now_ms())
+            StepRow(
+                seq, step_name, "signal", "error", None, codec.encode(info), 1, started, _now_ms()
+            )
         )
         self._raise_timeout(seq, name)
 
@@ -297,13 +334,26 @@ class Context:
         if rec is None:
             children.append(
                 NewRun(
-                    id=child_id, workflow=name, input=wdef.validate(input), queue=wdef.queue,
-                    parent_id=self.run_id, parent_seq=seq,
+                    id=child_id,
+                    workflow=name,
+                    input=wdef.validate(input),
+                    queue=wdef.queue,
+                    parent_id=self.run_id,
+                    parent_seq=seq,
                 )
             )
         started = rec.started_at if rec is not None else _now_ms()
-        wait = StepRow(seq, step_name, "child", "pending", codec.encode({"run_id": child_id}),
-                       None, 1, started, None)
+        wait = StepRow(
+            seq,
+            step_name,
+            "child",
+            "pending",
+            codec.encode({"run_id": child_id}),
+            None,
+            1,
+            started,
+            None,
+        )
         outcome = await self._await(wait, CHILD_SIGNAL + child_id, None, children)
         assert isinstance(outcome, Resolved)
         return self._child_outcome(seq, step_name, wdef, outcome.payload)
@@ -315,7 +365,9 @@ class Context:
             return wdef.decode_result(payload.get("output"))
         err = payload.get("error") or {}
         failure = errors.StepFailed(
-            step_name, seq, err.get("type", payload.get("status", "Error")),
+            step_name,
+            seq,
+            err.get("type", payload.get("status", "Error")),
             f"child run {payload.get('run_id')} {payload.get('status')}: {err.get('message', '')}",
         )
         self._failures[id(failure)] = seq
@@ -348,7 +400,10 @@ class Context:
             raise self._fenced(exc) from None
 
     async def _await(
-        self, wait: StepRow, signal: str | None, deadline: int | None,
+        self,
+        wait: StepRow,
+        signal: str | None,
+        deadline: int | None,
         children: list[NewRun] | None = None,
     ) -> base.AwaitOutcome:
         rows, versions = self._take_buffer()

@@ -52,9 +52,7 @@ class RetryPolicy:
         return base * (0.5 + random.random() / 2) if self.jitter else base
 
     def retryable(self, exc: BaseException) -> bool:
-        return not isinstance(
-            exc, (errors.Permanent, errors.SerializationError, *self.no_retry_on)
-        )
+        return not isinstance(exc, (errors.Permanent, errors.SerializationError, *self.no_retry_on))
 
 
 def _return_adapter(fn: Callable[..., Any]) -> pydantic.TypeAdapter[Any] | None:
@@ -65,7 +63,7 @@ def _return_adapter(fn: Callable[..., Any]) -> pydantic.TypeAdapter[Any] | None:
     except Exception:  # unresolvable forward references: fall back to plain JSON
         return None
     origin = typing.get_origin(annotation) or annotation
-    if annotation in _PLAIN_JSON or origin in (dict, list):
+    if annotation is None or annotation in _PLAIN_JSON or origin in (dict, list):
         return None
     try:
         return pydantic.TypeAdapter(annotation)
@@ -136,7 +134,7 @@ class WorkflowDef:
                 ann = hints.get(p.name, Any)
                 default = ... if p.default is inspect.Parameter.empty else p.default
                 fields[p.name] = (ann, default)
-            self.model = pydantic.create_model(  # type: ignore[call-overload]
+            self.model = pydantic.create_model(
                 f"{fn.__name__}_input",
                 __config__=pydantic.ConfigDict(extra="forbid"),
                 **fields,

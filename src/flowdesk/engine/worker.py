@@ -9,6 +9,7 @@ run that waits (sleep, signal, child) is parked in the store and costs nothing h
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 from flowdesk import codec, errors
 from flowdesk.engine import context as context_mod
-from flowdesk.store.base import Claimed, Fenced, RunStatus
+from flowdesk.store.base import Claimed, Fenced, RunStatus, Tx
 
 if TYPE_CHECKING:
     from flowdesk.engine.app import App
@@ -125,9 +126,7 @@ class Worker:
             got = 0
             if free > 0 and (woken or await app.store.has_due(queues, workflows)):
                 wake.clear()
-                claimed = await app.store.claim(
-                    self.id, queues, workflows, free, app.lease_ms
-                )
+                claimed = await app.store.claim(self.id, queues, workflows, free, app.lease_ms)
                 got = len(claimed)
                 for c in claimed:
                     self._launch(c)
@@ -150,11 +149,12 @@ class Worker:
         self.claimed_total += 1
         task = asyncio.create_task(self._execute(claimed), name=f"flowdesk-run-{claimed.id}")
         self._tasks[claimed.id] = task
-        task.add_done_callback(lambda _t, rid=claimed.id: self._done(rid))
+        task.add_done_callback(functools.partial(self._done, claimed.id))
 
-    def _done(self, run_id: str) -> None:
-        self._tasks.pop(run_id, None)
-        self._stop_reasons.pop(run_id, None)
+    def _done(self, run_id: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(run_id) is task:
+            del self._tasks[run_id]
+            self._stop_reasons.pop(run_id, None)
         self.finished_total += 1
         self.app._wake_event().set()  # a slot is free
 
@@ -215,7 +215,12 @@ class Worker:
         run_id = claimed.id
         wdef = app.registry.workflows[claimed.workflow]
         ctx = context_mod.Context(
-            app, run_id, claimed.workflow, self.id, claimed.attempts, claimed.history,
+            app,
+            run_id,
+            claimed.workflow,
+            self.id,
+            claimed.attempts,
+            claimed.history,
             claimed.versions,
         )
         status: RunStatus
@@ -251,12 +256,13 @@ class Worker:
             if not isinstance(exc, (errors.StepFailed, errors.WaitTimeout)):
                 log.warning("run %s (%s) failed: %r", run_id, wdef.name, exc)
         rows, versions = ctx.pending()
+        final = status
+
+        async def op(tx: Tx) -> None:
+            await tx.finish(run_id, self.id, rows, versions, final, output, error, failed_seq)
+
         try:
-            await app.writer.submit(
-                lambda tx: tx.finish(
-                    run_id, self.id, rows, versions, status, output, error, failed_seq
-                )
-            )
+            await app.writer.submit(op)
         except Fenced:
             return
         except Exception:
@@ -266,6 +272,11 @@ class Worker:
 
     async def _release(self, run_id: str) -> None:
         try:
-            await self.app.writer.submit(lambda tx: tx.release(run_id, self.id))
+            owner = self.id
+
+            async def op(tx: Tx) -> None:
+                await tx.release(run_id, owner)
+
+            await self.app.writer.submit(op)
         except Exception:
             log.exception("could not release run %s; its lease will expire", run_id)

@@ -276,9 +276,7 @@ class Store(ABC):
     async def close(self) -> None: ...
 
     @abstractmethod
-    async def transact(
-        self, work: Sequence[Callable[[Tx], Awaitable[Any]]]
-    ) -> list[Any]:
+    async def transact(self, work: Sequence[Callable[[Tx], Awaitable[Any]]]) -> list[Any]:
         """Run each operation in one transaction, each in its own savepoint.
 
         Returns one entry per operation: its result, or the exception it raised (its
@@ -286,7 +284,11 @@ class Store(ABC):
 
     @abstractmethod
     async def claim(
-        self, owner: str, queues: Sequence[str], workflows: Sequence[str], limit: int,
+        self,
+        owner: str,
+        queues: Sequence[str],
+        workflows: Sequence[str],
+        limit: int,
         lease_ms: int,
     ) -> list[Claimed]:
         """Atomically take up to ``limit`` due runs: queued ones, waiting ones whose timer

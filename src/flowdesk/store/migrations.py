@@ -52,10 +52,7 @@ def migrate_sqlite(conn: sqlite3.Connection, label: str) -> int:
     steps = load("sqlite")
     conn.execute("BEGIN IMMEDIATE")
     try:
-        tables = {
-            r[0]
-            for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "flowdesk_meta" in tables:
             row = conn.execute(
                 "SELECT value FROM flowdesk_meta WHERE key = 'schema_version'"
@@ -68,9 +65,7 @@ def migrate_sqlite(conn: sqlite3.Connection, label: str) -> int:
                 "FLOWDESK_DATABASE_URL at a new file."
             )
         else:
-            conn.execute(
-                "CREATE TABLE flowdesk_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-            )
+            conn.execute("CREATE TABLE flowdesk_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             current = 0
         if current > len(steps):
             raise errors.SchemaTooNew(

@@ -129,8 +129,18 @@ class _Tx(base.Tx):
                 "INSERT OR REPLACE INTO steps (run_id, seq, name, kind, status, output, error,"
                 " attempts, started_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 [
-                    (run_id, r.seq, r.name, r.kind, r.status, r.output, r.error, r.attempts,
-                     r.started_at, r.finished_at)
+                    (
+                        run_id,
+                        r.seq,
+                        r.name,
+                        r.kind,
+                        r.status,
+                        r.output,
+                        r.error,
+                        r.attempts,
+                        r.started_at,
+                        r.finished_at,
+                    )
                     for r in rows
                 ],
             )
@@ -155,8 +165,9 @@ class _Tx(base.Tx):
                 (self.now, self.now, run_id),
             )
 
-    def _notify_parent(self, run_id: str, status: str, output: str | None,
-                       error: str | None) -> None:
+    def _notify_parent(
+        self, run_id: str, status: str, output: str | None, error: str | None
+    ) -> None:
         row = self.c.execute("SELECT parent_id FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row and row[0]:
             parent_status = self.c.execute(
@@ -164,15 +175,20 @@ class _Tx(base.Tx):
             ).fetchone()
             if parent_status and not RunStatus(parent_status[0]).finished:
                 payload = (
-                    '{"run_id":' + json.dumps(run_id) + ',"status":' + json.dumps(status)
-                    + ',"output":' + (output or "null") + ',"error":' + (error or "null") + "}"
+                    '{"run_id":'
+                    + json.dumps(run_id)
+                    + ',"status":'
+                    + json.dumps(status)
+                    + ',"output":'
+                    + (output or "null")
+                    + ',"error":'
+                    + (error or "null")
+                    + "}"
                 )
                 self._deliver(row[0], CHILD_SIGNAL + run_id, payload)
 
     def _cancel_tree(self, run_id: str, error: str) -> RunStatus:
-        row = self.c.execute(
-            "SELECT status FROM runs WHERE id = ?", (run_id,)
-        ).fetchone()
+        row = self.c.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise errors.RunNotFound(run_id)
         status = RunStatus(row[0])
@@ -194,8 +210,7 @@ class _Tx(base.Tx):
             self._notify_parent(run_id, "cancelled", None, error)
             result = RunStatus.CANCELLED
         children = self.c.execute(
-            "SELECT id FROM runs WHERE parent_id = ? AND status IN"
-            " ('queued','running','waiting')",
+            "SELECT id FROM runs WHERE parent_id = ? AND status IN ('queued','running','waiting')",
             (run_id,),
         ).fetchall()
         for (child_id,) in children:
@@ -228,8 +243,20 @@ class _Tx(base.Tx):
             "INSERT INTO runs (id, workflow, queue, priority, status, input, idempotency_key,"
             " input_hash, parent_id, parent_seq, due_at, created_at, updated_at)"
             " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?)",
-            (run.id, run.workflow, run.queue, run.priority, run.input, run.idempotency_key,
-             run.input_hash, run.parent_id, run.parent_seq, run.due_at or now, now, now),
+            (
+                run.id,
+                run.workflow,
+                run.queue,
+                run.priority,
+                run.input,
+                run.idempotency_key,
+                run.input_hash,
+                run.parent_id,
+                run.parent_seq,
+                run.due_at or now,
+                now,
+                now,
+            ),
         )
         return run.id, True
 
@@ -266,8 +293,19 @@ class _Tx(base.Tx):
                 )
                 self._write_rows(
                     run_id,
-                    [StepRow(wait.seq, wait.name, wait.kind, "ok", found[1], None,
-                             wait.attempts, wait.started_at, self.now)],
+                    [
+                        StepRow(
+                            wait.seq,
+                            wait.name,
+                            wait.kind,
+                            "ok",
+                            found[1],
+                            None,
+                            wait.attempts,
+                            wait.started_at,
+                            self.now,
+                        )
+                    ],
                     {},
                 )
                 return Resolved(None if found[1] is None else json.loads(found[1]))
@@ -296,8 +334,10 @@ class _Tx(base.Tx):
         self._write_rows(run_id, rows, versions)
         if status is RunStatus.CANCELLED and error is None:  # keep the reason cancel() stored
             row = self.c.execute("SELECT error FROM runs WHERE id = ?", (run_id,)).fetchone()
-            error = row[0] if row and row[0] else json.dumps(
-                {"type": "Cancelled", "message": "cancelled"}
+            error = (
+                row[0]
+                if row and row[0]
+                else json.dumps({"type": "Cancelled", "message": "cancelled"})
             )
         self.c.execute(
             "UPDATE runs SET status = ?, output = ?, error = ?, failed_seq = ?, due_at = NULL,"
@@ -348,9 +388,7 @@ class _Tx(base.Tx):
         if row is None:
             raise errors.RunNotFound(run_id)
         if row[0] != "failed":
-            raise errors.InvalidState(
-                f"Run {run_id} is {row[0]}: only failed runs can be retried."
-            )
+            raise errors.InvalidState(f"Run {run_id} is {row[0]}: only failed runs can be retried.")
         if row[1] is not None:
             self.c.execute("DELETE FROM steps WHERE run_id = ? AND seq >= ?", (run_id, row[1]))
             self.c.execute(
@@ -372,9 +410,7 @@ class SQLiteStore(base.Store):
         self.path = path
         sync = options.get("synchronous", "full").lower()
         if sync not in ("full", "normal", "off", "extra"):
-            raise errors.ConfigurationError(
-                f"synchronous={sync!r} in {url!r}: use full or normal."
-            )
+            raise errors.ConfigurationError(f"synchronous={sync!r} in {url!r}: use full or normal.")
         self.synchronous = sync
         self.busy_seconds = float(options.get("busy_seconds", busy_seconds))
         self._conn: sqlite3.Connection | None = None
@@ -390,12 +426,7 @@ class SQLiteStore(base.Store):
     async def open(self) -> None:
         if self._conn is not None:
             return
-        if self.path != ":memory:":
-            parent = Path(self.path).expanduser().resolve().parent
-            if not parent.exists():
-                raise errors.ConfigurationError(
-                    f"Cannot create database {self.path!r}: folder {parent} does not exist."
-                )
+        _check_folder(self.path)
         try:
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=0
@@ -470,9 +501,7 @@ class SQLiteStore(base.Store):
         return rows
 
     # -- writes ----------------------------------------------------------------------
-    async def transact(
-        self, work: Sequence[Callable[[base.Tx], Awaitable[Any]]]
-    ) -> list[Any]:
+    async def transact(self, work: Sequence[Callable[[base.Tx], Awaitable[Any]]]) -> list[Any]:
         async with self._lock:
             conn = self.conn
             await self._retry(lambda: conn.execute("BEGIN IMMEDIATE"))
@@ -497,7 +526,11 @@ class SQLiteStore(base.Store):
             return results
 
     async def claim(
-        self, owner: str, queues: Sequence[str], workflows: Sequence[str], limit: int,
+        self,
+        owner: str,
+        queues: Sequence[str],
+        workflows: Sequence[str],
+        limit: int,
         lease_ms: int,
     ) -> list[Claimed]:
         if limit <= 0:
@@ -569,9 +602,15 @@ class SQLiteStore(base.Store):
                 "INSERT INTO workers (id, host, pid, queues, concurrency, started_at,"
                 " heartbeat_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET"
                 " heartbeat_at = excluded.heartbeat_at",
-                (owner, info.get("host", socket.gethostname()), info.get("pid", os.getpid()),
-                 ",".join(info.get("queues", [])), info.get("concurrency", 0),
-                 info.get("started_at", now), now),
+                (
+                    owner,
+                    info.get("host", socket.gethostname()),
+                    info.get("pid", os.getpid()),
+                    ",".join(info.get("queues", [])),
+                    info.get("concurrency", 0),
+                    info.get("started_at", now),
+                    now,
+                ),
             )
             return {r[0] for r in rows}, {r[0] for r in rows if r[1]}
 
@@ -598,7 +637,8 @@ class SQLiteStore(base.Store):
         limit: int = 50,
         cursor: str | None = None,
     ) -> Page:
-        where, params = ["1 = 1"], []
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
         if status is not None:
             RunStatus(status)  # raises ValueError for an unknown status
             where.append("status = ?")
@@ -631,7 +671,11 @@ class SQLiteStore(base.Store):
         )
         return [
             StepRecord(
-                run_id=r[0], seq=r[1], name=r[2], kind=r[3], status=r[4],
+                run_id=r[0],
+                seq=r[1],
+                name=r[2],
+                kind=r[3],
+                status=r[4],
                 output=None if r[5] is None else json.loads(r[5]),
                 error=None if r[6] is None else json.loads(r[6]),
                 attempts=r[7],
@@ -654,6 +698,15 @@ class SQLiteStore(base.Store):
             " ORDER BY started_at"
         )
         return [dict(r) for r in rows]
+
+
+def _check_folder(path: str) -> None:
+    if path != ":memory:":
+        parent = Path(path).expanduser().resolve().parent
+        if not parent.exists():
+            raise errors.ConfigurationError(
+                f"Cannot create database {path!r}: folder {parent} does not exist."
+            )
 
 
 def encode_cursor(created_at: int, run_id: str) -> str:
