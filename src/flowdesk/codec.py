@@ -17,6 +17,8 @@ _encoder = json.JSONEncoder(
 def encode(value: Any, what: str = "value") -> str:
     """Encode ``value`` as compact JSON; Pydantic models, dataclasses, datetimes, UUIDs and
     decimals are turned into their JSON form. Anything else raises `SerializationError`."""
+    if value is None:
+        return "null"
     try:
         return _encoder.encode(value)
     except (TypeError, ValueError, PydanticSerializationError) as exc:

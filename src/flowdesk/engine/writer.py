@@ -1,11 +1,12 @@
 """Group commit: every write that is ready in the same event-loop turn commits together.
 
 A workflow awaiting its step's record submits one operation and waits for its future. The
-first submission in a turn schedules a flush; writes submitted before the flush runs (by
-other runs, other steps, `App.start` calls) join the same transaction. While a flush is
-in flight (a PostgreSQL round trip), new writes gather for the next one. A lone
-sequential workflow pays exactly one commit per step; a thousand concurrent ones share
-commits.
+first submission in a turn schedules a flush for the end of the turn; writes submitted
+before it runs (by other runs, other steps, `App.start` calls) join the same transaction.
+A store that can commit without suspending (SQLite, when its write lock is free) commits
+right in that callback; otherwise a flush task runs `Store.transact`, and while it is in
+flight (a PostgreSQL round trip, a lock held by another process) new writes gather for the
+next one. A lone sequential workflow pays one commit per step; concurrent ones share.
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ from typing import Any
 from flowdesk.store import base
 
 Op = Callable[[base.Tx], Awaitable[Any]]
+Batch = list[tuple[Op, "asyncio.Future[Any]"]]
 
 
 class Writer:
     def __init__(self, store: base.Store) -> None:
         self._store = store
-        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._now: Callable[[list[Op]], list[Any] | None] | None = getattr(
+            store, "transact_now", None
+        )
+        self._pending: Batch = []
+        self._scheduled = False
         self._task: asyncio.Task[None] | None = None
 
     async def submit(self, op: Op) -> Any:
@@ -30,9 +36,27 @@ class Writer:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((op, fut))
-        if self._task is None:
-            self._task = loop.create_task(self._flush())
+        if not self._scheduled and self._task is None:
+            self._scheduled = True
+            loop.call_soon(self._kick)
         return await fut
+
+    def _kick(self) -> None:
+        self._scheduled = False
+        if self._task is not None or not self._pending:
+            return
+        if self._now is not None:
+            batch, self._pending = self._pending, []
+            try:
+                results = self._now([op for op, _ in batch])
+            except Exception as exc:
+                _fail(batch, exc)
+                return
+            if results is not None:
+                _deliver(batch, results)
+                return
+            self._pending = batch + self._pending
+        self._task = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
         try:
@@ -40,19 +64,28 @@ class Writer:
                 batch, self._pending = self._pending, []
                 try:
                     results = await self._store.transact([op for op, _ in batch])
-                except BaseException as exc:  # the whole transaction failed
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
+                except Exception as exc:  # the whole transaction failed
+                    _fail(batch, exc)
                     continue
-                for (_, fut), result in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        fut.set_exception(result)
-                    else:
-                        fut.set_result(result)
+                except BaseException as exc:
+                    _fail(batch, exc)
+                    raise
+                _deliver(batch, results)
         finally:
             self._task = None
+
+
+def _fail(batch: Batch, exc: BaseException) -> None:
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)
+
+
+def _deliver(batch: Batch, results: list[Any]) -> None:
+    for (_, fut), result in zip(batch, results, strict=True):
+        if fut.done():
+            continue
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)

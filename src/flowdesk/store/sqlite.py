@@ -55,6 +55,12 @@ _RUN_COLUMNS = (
 )
 
 
+_INSERT_STEP = (
+    "INSERT OR REPLACE INTO steps (run_id, seq, name, kind, status, output, error,"
+    " attempts, started_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -124,10 +130,26 @@ class _Tx(base.Tx):
             raise Fenced(run_id, "cancel")
 
     def _write_rows(self, run_id: str, rows: Sequence[StepRow], versions: dict[str, int]) -> None:
-        if rows:
+        if len(rows) == 1:
+            r = rows[0]
+            self.c.execute(
+                _INSERT_STEP,
+                (
+                    run_id,
+                    r.seq,
+                    r.name,
+                    r.kind,
+                    r.status,
+                    r.output,
+                    r.error,
+                    r.attempts,
+                    r.started_at,
+                    r.finished_at,
+                ),
+            )
+        elif rows:
             self.c.executemany(
-                "INSERT OR REPLACE INTO steps (run_id, seq, name, kind, status, output, error,"
-                " attempts, started_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                _INSERT_STEP,
                 [
                     (
                         run_id,
@@ -505,25 +527,52 @@ class SQLiteStore(base.Store):
         async with self._lock:
             conn = self.conn
             await self._retry(lambda: conn.execute("BEGIN IMMEDIATE"))
-            tx = _Tx(conn, now_ms())
-            results: list[Any] = []
-            try:
-                for op in work:
+            return self._apply(conn, work)
+
+    def transact_now(self, work: Sequence[Callable[[base.Tx], Awaitable[Any]]]) -> list[Any] | None:
+        """`transact` without leaving the caller's turn of the event loop, when the write
+        lock can be had at once; None when it cannot (then use `transact`)."""
+        if self._lock.locked():
+            return None
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                return None
+            raise
+        return self._apply(conn, work)
+
+    def _apply(
+        self, conn: sqlite3.Connection, work: Sequence[Callable[[base.Tx], Awaitable[Any]]]
+    ) -> list[Any]:
+        """Apply operations inside the open transaction, then commit. SQLite operations
+        never suspend, so each coroutine is driven to its end in place."""
+        tx = _Tx(conn, now_ms())
+        results: list[Any] = []
+        single = len(work) == 1
+        try:
+            for op in work:
+                if not single:
                     conn.execute("SAVEPOINT op")
-                    try:
-                        results.append(await op(tx))
-                    except sqlite3.OperationalError:
-                        raise
-                    except Exception as exc:  # one refused operation; keep the others
-                        conn.execute("ROLLBACK TO op")
-                        results.append(exc)
+                try:
+                    results.append(_drive(op(tx)))
+                except sqlite3.OperationalError:
+                    raise
+                except Exception as exc:  # one refused operation; keep the others
+                    if single:
+                        conn.execute("ROLLBACK")
+                        return [exc]
+                    conn.execute("ROLLBACK TO op")
+                    results.append(exc)
+                if not single:
                     conn.execute("RELEASE op")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            return results
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return results
 
     async def claim(
         self,
@@ -698,6 +747,16 @@ class SQLiteStore(base.Store):
             " ORDER BY started_at"
         )
         return [dict(r) for r in rows]
+
+
+def _drive(coro: Awaitable[Any]) -> Any:
+    """Run a coroutine that never suspends to its end and return its value."""
+    try:
+        coro.send(None)  # type: ignore[attr-defined]
+    except StopIteration as stop:
+        return stop.value
+    coro.close()  # type: ignore[attr-defined]
+    raise RuntimeError("a SQLite store operation suspended; it must not await")
 
 
 def _check_folder(path: str) -> None:

@@ -1,0 +1,197 @@
+"""Engine benchmark: durable no-op steps and 3-step workflows on SQLite, beside DBOS.
+
+    python benchmarks/engine.py [--steps 2000] [--workflows 500] [--concurrency 20]
+                                [--durability full,normal] [--no-peers]
+
+For each durability (SQLite WAL with synchronous=FULL: a commit survives power loss;
+synchronous=NORMAL: it survives a killed process) it prints:
+
+* the floor: what one bare SQLite commit of one small row costs on this disk;
+* step overhead p50/p99: one workflow awaiting N no-op steps, each timed inside the
+  workflow, and the ratio of the p50 to one commit;
+* steps/s sequential (that loop) and concurrent (``--concurrency`` workflows at once);
+* workflows/s: ``--workflows`` 3-step workflows started at once, all awaited;
+* workflow latency p50/p99: 200 3-step workflows one after another (start + result).
+
+The same workload runs on DBOS Transact (its own virtual environment under ``.bench/``,
+its SQLite system database switched to the same WAL + synchronous setting), in the same
+run, and the ratios are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import flowdesk  # noqa: E402
+
+LATENCY_WORKFLOWS = 200
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def ms(values: list[float]) -> dict[str, float]:
+    return {"p50": pct(values, 0.5) * 1000, "p99": pct(values, 0.99) * 1000}
+
+
+def commit_floor(path: Path, synchronous: str, n: int = 2000) -> float:
+    """Seconds per bare commit of one small row, WAL mode, on this disk."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute("CREATE TABLE t (run_id TEXT, seq INTEGER, output TEXT, PRIMARY KEY (run_id, seq))")
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t VALUES (?, ?, ?)", ("r", i, "null"))
+        conn.execute("COMMIT")
+        times.append(time.perf_counter() - t0)
+    conn.close()
+    return statistics.median(times)
+
+
+def build_app(url: str) -> flowdesk.App:
+    app = flowdesk.App(url)
+
+    @app.step
+    async def noop() -> None:
+        return None
+
+    @app.workflow("bench.timed")
+    async def timed(ctx: flowdesk.Context, n: int) -> dict[str, Any]:
+        durations = []
+        start = time.perf_counter()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await ctx.step(noop)
+            durations.append(time.perf_counter() - t0)
+        return {"durations": durations, "total": time.perf_counter() - start}
+
+    @app.workflow("bench.steps")
+    async def steps(ctx: flowdesk.Context, n: int) -> None:
+        for _ in range(n):
+            await ctx.step(noop)
+
+    @app.workflow("bench.three")
+    async def three(ctx: flowdesk.Context) -> None:
+        for _ in range(3):
+            await ctx.step(noop)
+
+    return app
+
+
+async def run_flowdesk(db: Path, synchronous: str, n_steps: int, n_workflows: int,
+                       concurrency: int) -> dict[str, Any]:
+    app = build_app(f"sqlite:///{db}?synchronous={synchronous}")
+    async with app, app.worker(concurrency=max(concurrency, n_workflows)):
+        # warm up
+        await app.result((await app.start("bench.timed", {"n": 50})).id)
+        await asyncio.gather(*[
+            app.result((await app.start("bench.three")).id) for _ in range(20)
+        ])
+
+        timed = await app.result((await app.start("bench.timed", {"n": n_steps})).id)
+        per = n_steps // concurrency
+        t0 = time.perf_counter()
+        handles = await asyncio.gather(
+            *[app.start("bench.steps", {"n": per}) for _ in range(concurrency)]
+        )
+        for h in handles:
+            await app.result(h.id)
+        concurrent = per * concurrency / (time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        handles = await asyncio.gather(*[app.start("bench.three") for _ in range(n_workflows)])
+        for h in handles:
+            await app.result(h.id)
+        workflows = n_workflows / (time.perf_counter() - t0)
+
+        latencies = []
+        for _ in range(LATENCY_WORKFLOWS):
+            t0 = time.perf_counter()
+            await app.result((await app.start("bench.three")).id)
+            latencies.append(time.perf_counter() - t0)
+    return {
+        "engine": "flowdesk",
+        "version": flowdesk.__version__,
+        "step_overhead_ms": ms(timed["durations"]),
+        "sequential_steps_per_s": n_steps / timed["total"],
+        "concurrent_steps_per_s": concurrent,
+        "workflows_per_s": workflows,
+        "workflow_latency_ms": ms(latencies),
+    }
+
+
+def show(label: str, r: dict[str, Any], floor_ms: float | None = None) -> None:
+    so, wl = r["step_overhead_ms"], r["workflow_latency_ms"]
+    extra = f"  ({so['p50'] / floor_ms:.2f}x one commit)" if floor_ms else ""
+    print(f"  {label:9} step p50 {so['p50']:7.3f} ms  p99 {so['p99']:7.3f} ms{extra}")
+    print(f"  {'':9} steps/s sequential {r['sequential_steps_per_s']:9.0f}   "
+          f"concurrent {r['concurrent_steps_per_s']:9.0f}")
+    print(f"  {'':9} 3-step workflows/s {r['workflows_per_s']:9.0f}   "
+          f"latency p50 {wl['p50']:.3f} ms  p99 {wl['p99']:.3f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--workflows", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--durability", default="full,normal")
+    parser.add_argument("--no-peers", action="store_true", help="skip DBOS")
+    parser.add_argument("--json", type=Path, help="also write all figures to this file")
+    args = parser.parse_args()
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+        folder = Path(tmp)
+        for sync in args.durability.split(","):
+            floor = commit_floor(folder / f"floor-{sync}.db", sync)
+            ours = asyncio.run(run_flowdesk(
+                folder / f"flowdesk-{sync}.db", sync, args.steps, args.workflows, args.concurrency
+            ))
+            print(f"SQLite WAL, synchronous={sync.upper()}: floor = one bare commit "
+                  f"{floor * 1000:.3f} ms")
+            show("flowdesk", ours, floor * 1000)
+            entry: dict[str, Any] = {"commit_ms": floor * 1000, "flowdesk": ours}
+            if not args.no_peers:
+                import _peers
+
+                peer = _peers.run_dbos(
+                    folder / f"dbos-{sync}.db", sync, args.steps, args.workflows, args.concurrency
+                )
+                show(f"DBOS {peer['version']}", peer)
+                ratios = {
+                    "step_p50": peer["step_overhead_ms"]["p50"] / ours["step_overhead_ms"]["p50"],
+                    "sequential_steps": ours["sequential_steps_per_s"]
+                    / peer["sequential_steps_per_s"],
+                    "concurrent_steps": ours["concurrent_steps_per_s"]
+                    / peer["concurrent_steps_per_s"],
+                    "workflows": ours["workflows_per_s"] / peer["workflows_per_s"],
+                    "workflow_latency_p50": peer["workflow_latency_ms"]["p50"]
+                    / ours["workflow_latency_ms"]["p50"],
+                }
+                print("  flowdesk / DBOS: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items()))
+                entry.update(dbos=peer, ratios=ratios)
+            results[sync] = entry
+            print()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
