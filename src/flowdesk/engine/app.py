@@ -140,16 +140,12 @@ class App:
         name: str | None = None,
         *,
         queue: str = "default",
-        timeout: float | timedelta | None = None,
     ) -> Callable[[F], F]:
         """Register an ``async def workflow(ctx, **input)`` under ``name``."""
 
         def decorate(fn: F) -> F:
             wname = name or fn.__qualname__
-            seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-            self.registry.add_workflow(
-                registry.WorkflowDef(fn, name=wname, queue=queue, timeout=seconds)
-            )
+            self.registry.add_workflow(registry.WorkflowDef(fn, name=wname, queue=queue))
             self._fn_names[fn] = wname
             return fn
 

@@ -103,9 +103,7 @@ class StepDef(Generic[P, R]):
 class WorkflowDef:
     """A workflow: an ``async def`` taking a `Context` and JSON input."""
 
-    def __init__(
-        self, fn: Callable[..., Any], *, name: str, queue: str, timeout: float | None
-    ) -> None:
+    def __init__(self, fn: Callable[..., Any], *, name: str, queue: str) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise errors.ConfigurationError(
                 f"Workflow {name!r} must be an `async def` function taking a Context first."
@@ -113,7 +111,6 @@ class WorkflowDef:
         self.fn = fn
         self.name = name
         self.queue = queue
-        self.timeout = timeout
         self._result_adapter = _return_adapter(fn)
         params = list(inspect.signature(fn).parameters.values())[1:]
         hints = typing.get_type_hints(fn)

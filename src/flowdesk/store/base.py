@@ -299,10 +299,6 @@ class Store(ABC):
         """Cheap read: is any run claimable now?"""
 
     @abstractmethod
-    async def next_due(self, queues: Sequence[str]) -> int | None:
-        """Epoch ms of the earliest future timer or lease expiry in these queues."""
-
-    @abstractmethod
     async def heartbeat(
         self, owner: str, lease_ms: int, info: dict[str, Any]
     ) -> tuple[set[str], set[str]]:

@@ -404,6 +404,9 @@ class _Tx(base.Tx):
         return self._cancel_tree(run_id, error)
 
     async def retry(self, run_id: str) -> None:
+        self._retry_run(run_id)
+
+    def _retry_run(self, run_id: str) -> None:
         row = self.c.execute(
             "SELECT status, failed_seq FROM runs WHERE id = ?", (run_id,)
         ).fetchone()
@@ -412,6 +415,17 @@ class _Tx(base.Tx):
         if row[0] != "failed":
             raise errors.InvalidState(f"Run {run_id} is {row[0]}: only failed runs can be retried.")
         if row[1] is not None:
+            # A failed child at or after the failed step is retried with its parent: its
+            # failure notice is dropped so the replayed parent waits for the new outcome.
+            for (child_id,) in self.c.execute(
+                "SELECT id FROM runs WHERE parent_id = ? AND parent_seq >= ? AND status = 'failed'",
+                (run_id, row[1]),
+            ).fetchall():
+                self.c.execute(
+                    "DELETE FROM signals WHERE run_id = ? AND name = ?",
+                    (run_id, CHILD_SIGNAL + child_id),
+                )
+                self._retry_run(child_id)
             self.c.execute("DELETE FROM steps WHERE run_id = ? AND seq >= ?", (run_id, row[1]))
             self.c.execute(
                 "UPDATE signals SET consumed_seq = NULL WHERE run_id = ? AND consumed_seq >= ?",
@@ -626,15 +640,6 @@ class SQLiteStore(base.Store):
             (now_ms(), json.dumps(list(queues)), json.dumps(list(workflows))),
         )
         return bool(rows)
-
-    async def next_due(self, queues: Sequence[str]) -> int | None:
-        rows = await self._read(
-            "SELECT MIN(due_at) FROM runs WHERE due_at IS NOT NULL"
-            " AND queue IN (SELECT value FROM json_each(?))",
-            (json.dumps(list(queues)),),
-        )
-        value = rows[0][0] if rows else None
-        return None if value is None else int(value)
 
     async def heartbeat(
         self, owner: str, lease_ms: int, info: dict[str, Any]
