@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import flowdesk  # noqa: E402
+import flowdesk
 
 LATENCY_WORKFLOWS = 200
 
@@ -52,7 +52,9 @@ def commit_floor(path: Path, synchronous: str, n: int = 2000) -> float:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
-    conn.execute("CREATE TABLE t (run_id TEXT, seq INTEGER, output TEXT, PRIMARY KEY (run_id, seq))")
+    conn.execute(
+        "CREATE TABLE t (run_id TEXT, seq INTEGER, output TEXT, PRIMARY KEY (run_id, seq))"
+    )
     times = []
     for i in range(n):
         t0 = time.perf_counter()
@@ -94,15 +96,14 @@ def build_app(url: str) -> flowdesk.App:
     return app
 
 
-async def run_flowdesk(db: Path, synchronous: str, n_steps: int, n_workflows: int,
-                       concurrency: int) -> dict[str, Any]:
+async def run_flowdesk(
+    db: Path, synchronous: str, n_steps: int, n_workflows: int, concurrency: int
+) -> dict[str, Any]:
     app = build_app(f"sqlite:///{db}?synchronous={synchronous}")
     async with app, app.worker(concurrency=max(concurrency, n_workflows)):
         # warm up
         await app.result((await app.start("bench.timed", {"n": 50})).id)
-        await asyncio.gather(*[
-            app.result((await app.start("bench.three")).id) for _ in range(20)
-        ])
+        await asyncio.gather(*[app.result((await app.start("bench.three")).id) for _ in range(20)])
 
         timed = await app.result((await app.start("bench.timed", {"n": n_steps})).id)
         per = n_steps // concurrency
@@ -140,10 +141,14 @@ def show(label: str, r: dict[str, Any], floor_ms: float | None = None) -> None:
     so, wl = r["step_overhead_ms"], r["workflow_latency_ms"]
     extra = f"  ({so['p50'] / floor_ms:.2f}x one commit)" if floor_ms else ""
     print(f"  {label:9} step p50 {so['p50']:7.3f} ms  p99 {so['p99']:7.3f} ms{extra}")
-    print(f"  {'':9} steps/s sequential {r['sequential_steps_per_s']:9.0f}   "
-          f"concurrent {r['concurrent_steps_per_s']:9.0f}")
-    print(f"  {'':9} 3-step workflows/s {r['workflows_per_s']:9.0f}   "
-          f"latency p50 {wl['p50']:.3f} ms  p99 {wl['p99']:.3f} ms")
+    print(
+        f"  {'':9} steps/s sequential {r['sequential_steps_per_s']:9.0f}   "
+        f"concurrent {r['concurrent_steps_per_s']:9.0f}"
+    )
+    print(
+        f"  {'':9} 3-step workflows/s {r['workflows_per_s']:9.0f}   "
+        f"latency p50 {wl['p50']:.3f} ms  p99 {wl['p99']:.3f} ms"
+    )
 
 
 def main() -> None:
@@ -161,11 +166,19 @@ def main() -> None:
         folder = Path(tmp)
         for sync in args.durability.split(","):
             floor = commit_floor(folder / f"floor-{sync}.db", sync)
-            ours = asyncio.run(run_flowdesk(
-                folder / f"flowdesk-{sync}.db", sync, args.steps, args.workflows, args.concurrency
-            ))
-            print(f"SQLite WAL, synchronous={sync.upper()}: floor = one bare commit "
-                  f"{floor * 1000:.3f} ms")
+            ours = asyncio.run(
+                run_flowdesk(
+                    folder / f"flowdesk-{sync}.db",
+                    sync,
+                    args.steps,
+                    args.workflows,
+                    args.concurrency,
+                )
+            )
+            print(
+                f"SQLite WAL, synchronous={sync.upper()}: floor = one bare commit "
+                f"{floor * 1000:.3f} ms"
+            )
             show("flowdesk", ours, floor * 1000)
             entry: dict[str, Any] = {"commit_ms": floor * 1000, "flowdesk": ours}
             if not args.no_peers:
