@@ -61,6 +61,14 @@ _INSERT_STEP = (
 )
 
 
+_INSERT_STEP_FENCED = (
+    "INSERT OR REPLACE INTO steps (run_id, seq, name, kind, status, output, error,"
+    " attempts, started_at, finished_at) SELECT ?,?,?,?,?,?,?,?,?,? WHERE EXISTS"
+    " (SELECT 1 FROM runs WHERE id = ? AND lease_owner = ? AND status = 'running'"
+    " AND cancel_requested = 0)"
+)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -285,6 +293,31 @@ class _Tx(base.Tx):
     async def record(
         self, run_id: str, owner: str, rows: Sequence[StepRow], versions: dict[str, int]
     ) -> None:
+        if len(rows) == 1 and not versions:
+            # The hot path (one step result): the fence is folded into the insert, and
+            # checked apart only when the insert was refused.
+            r = rows[0]
+            inserted = self.c.execute(
+                _INSERT_STEP_FENCED,
+                (
+                    run_id,
+                    r.seq,
+                    r.name,
+                    r.kind,
+                    r.status,
+                    r.output,
+                    r.error,
+                    r.attempts,
+                    r.started_at,
+                    r.finished_at,
+                    run_id,
+                    owner,
+                ),
+            ).rowcount
+            if inserted != 1:
+                self._fence(run_id, owner)
+                raise Fenced(run_id)  # pragma: no cover - the fence above raises first
+            return
         self._fence(run_id, owner)
         self._write_rows(run_id, rows, versions)
 
