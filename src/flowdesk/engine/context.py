@@ -105,6 +105,9 @@ class Context:
         self._new_versions: dict[str, int] = {}
         self._rng = _random.Random(run_id)
         self._failures: dict[int, int] = {}  # id(exception) -> seq it was raised for
+        # Set once replay diverged from the history: every later call raises it again and
+        # the run fails with it, even if workflow code catches it.
+        self.nondeterminism: errors.NonDeterminismError | None = None
 
     # -- deterministic helpers -------------------------------------------------------
     def now(self) -> datetime:
@@ -375,11 +378,14 @@ class Context:
 
     # -- recording -------------------------------------------------------------------
     def _next(self, name: str, kind: str) -> int:
+        if self.nondeterminism is not None:
+            raise self.nondeterminism
         self._seq += 1
         seq = self._seq
         rec = self._history.get(seq)
         if rec is not None and (rec.name != name or rec.kind != kind):
-            raise errors.NonDeterminismError(self.run_id, seq, rec.name, name)
+            self.nondeterminism = errors.NonDeterminismError(self.run_id, seq, rec.name, name)
+            raise self.nondeterminism
         return seq
 
     def _take_buffer(self) -> tuple[list[StepRow], dict[str, int]]:

@@ -48,7 +48,11 @@ class RetryPolicy:
 
     def wait_before(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""
-        base = min(self.max_delay, self.delay * self.backoff ** (retry - 1))
+        try:
+            grown = self.delay * self.backoff ** (retry - 1)
+        except OverflowError:  # past any float: the cap applies (or 0 without a delay)
+            grown = self.max_delay if self.delay else 0.0
+        base = min(self.max_delay, grown)
         return base * (0.5 + random.random() / 2) if self.jitter else base
 
     def retryable(self, exc: BaseException) -> bool:
@@ -63,8 +67,10 @@ def _return_adapter(fn: Callable[..., Any]) -> pydantic.TypeAdapter[Any] | None:
     except Exception:  # unresolvable forward references: fall back to plain JSON
         return None
     origin = typing.get_origin(annotation) or annotation
-    if annotation is None or annotation in _PLAIN_JSON or origin in (dict, list):
+    if annotation is None or annotation in _PLAIN_JSON:
         return None
+    if origin in (dict, list) and all(a in _PLAIN_JSON for a in typing.get_args(annotation)):
+        return None  # dict[str, Any], list[int] ...: JSON gives them back as they were
     try:
         return pydantic.TypeAdapter(annotation)
     except pydantic.PydanticSchemaGenerationError:

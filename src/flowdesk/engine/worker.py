@@ -146,6 +146,12 @@ class Worker:
             woken = waiter in done
 
     def _launch(self, claimed: Claimed) -> None:
+        current = self._tasks.get(claimed.id)
+        if current is not None and not current.done() and claimed.id not in self._stop_reasons:
+            # Our own lease had run out (the process was paused past it) and we claimed the
+            # run again while its coroutine still runs here: the claim renewed the lease;
+            # a second coroutine would execute the same steps twice under one owner.
+            return
         self.claimed_total += 1
         task = asyncio.create_task(self._execute(claimed), name=f"flowdesk-run-{claimed.id}")
         self._tasks[claimed.id] = task
@@ -232,6 +238,8 @@ class Worker:
                 raise context_mod.Cancelled()
             kwargs = wdef.kwargs(claimed.input)
             result = await wdef.fn(ctx, **kwargs)
+            if ctx.nondeterminism is not None:  # the workflow caught it; the run still fails
+                raise ctx.nondeterminism
             output = codec.encode(result, f"result of workflow {wdef.name!r}")
             status = RunStatus.SUCCEEDED
         except errors.Suspended:
@@ -249,7 +257,8 @@ class Worker:
                 return
             else:
                 return
-        except Exception as exc:
+        except Exception as raised:
+            exc = ctx.nondeterminism or raised
             status = RunStatus.FAILED
             failed_seq = ctx.failed_seq(exc)
             error = codec.encode(context_mod.error_info(exc))

@@ -46,24 +46,32 @@ def latest(dialect: str) -> int:
     return len(load(dialect))
 
 
+def check_owner(conn: sqlite3.Connection, label: str) -> set[str]:
+    """The database's tables; raises `StoreError` when it has tables but no
+    ``flowdesk_meta`` (somebody else's database). It only reads, so the SQLite store calls
+    it before changing anything (even the journal mode) and a refused file is left as it was."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "flowdesk_meta" not in tables and tables - {"sqlite_sequence"}:
+        raise errors.StoreError(
+            f"{label!r} is a SQLite database that flowdesk did not create (it has tables "
+            f"{', '.join(sorted(tables)[:5])}). Refusing to write to it: point "
+            "FLOWDESK_DATABASE_URL at a new file."
+        )
+    return tables
+
+
 def migrate_sqlite(conn: sqlite3.Connection, label: str) -> int:
     """Create or upgrade the schema in one ``BEGIN IMMEDIATE`` transaction, so concurrent
     processes opening a new file migrate it exactly once. Returns the version now in force."""
     steps = load("sqlite")
     conn.execute("BEGIN IMMEDIATE")
     try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables = check_owner(conn, label)
         if "flowdesk_meta" in tables:
             row = conn.execute(
                 "SELECT value FROM flowdesk_meta WHERE key = 'schema_version'"
             ).fetchone()
             current = int(row[0]) if row else 0
-        elif tables - {"sqlite_sequence"}:
-            raise errors.StoreError(
-                f"{label!r} is a SQLite database that flowdesk did not create (it has tables "
-                f"{', '.join(sorted(tables)[:5])}). Refusing to write to it: point "
-                "FLOWDESK_DATABASE_URL at a new file."
-            )
         else:
             conn.execute("CREATE TABLE flowdesk_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             current = 0

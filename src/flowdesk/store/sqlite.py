@@ -86,7 +86,8 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
         return url, {}
     parts = urlsplit(url)
     path = parts.path
-    if path.startswith("/") and not url.startswith("sqlite:////"):
+    # The path after "sqlite://" keeps one "/" too many: "/x.db" (relative), "//tmp/x.db".
+    if path.startswith("/"):
         path = path[1:]
     options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     if not path:
@@ -504,6 +505,7 @@ class SQLiteStore(base.Store):
             raise errors.StoreError(f"Cannot open SQLite database {self.path!r}: {exc}") from exc
         conn.row_factory = sqlite3.Row
         try:
+            await self._retry(lambda: migrations.check_owner(conn, self.path))
             await self._retry(lambda: self._configure(conn))
             await self._retry(lambda: migrations.migrate_sqlite(conn, self.path))
         except sqlite3.DatabaseError as exc:
