@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ import typer
 
 from flowdesk import errors
 from flowdesk.engine.app import App
+from flowdesk.store import sqlite as sqlite_store
 from flowdesk.store.base import RunRecord, StepRecord
 
 T = TypeVar("T")
@@ -81,15 +83,28 @@ def load_app(spec: str) -> App:
     return app
 
 
-def _app(app_spec: str | None, database_url: str | None, *, required: bool = False) -> App:
+def _app(
+    app_spec: str | None,
+    database_url: str | None,
+    *,
+    required: bool = False,
+    existing: bool = False,
+) -> App:
+    """The app named by --app, else a bare one on --database-url. With ``existing``, an
+    embedded database file must already exist (a read never creates one by mistake)."""
     if app_spec:
         app = load_app(app_spec)
         if database_url:
             app.database_url = database_url
-        return app
-    if required:
+    elif required:
         _fail("this command needs the app: pass --app module:attr or set FLOWDESK_APP")
-    return App(database_url)
+    else:
+        app = App(database_url)
+    if existing and app.database_url.startswith("sqlite:"):
+        path, _ = sqlite_store.parse_url(app.database_url)
+        if path != ":memory:" and not Path(path).exists():
+            _fail(f"no flowdesk database at {path}: check --database-url or FLOWDESK_DATABASE_URL")
+    return app
 
 
 def _run(app: App, body: Callable[[], Awaitable[T]]) -> T:
@@ -197,6 +212,14 @@ def worker(
         await w.run()
 
     _run(the_app, body)
+    stuck = [t.name for t in threading.enumerate() if t.name.startswith("flowdesk-step")]
+    if stuck:
+        # A sync step that ignores its timeout still runs in a thread that cannot be
+        # stopped. Its run was given back to the queue; do not wait for the thread.
+        typer.echo(f"worker stopped; {len(stuck)} step thread(s) still running, exiting", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @cli.command()
@@ -243,7 +266,7 @@ def runs_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List runs, newest first."""
-    the_app = _app(app, database_url)
+    the_app = _app(app, database_url, existing=True)
 
     async def body() -> None:
         page = await the_app.list_runs(status=status, workflow=workflow, limit=limit, cursor=cursor)
@@ -272,7 +295,7 @@ def runs_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a run: status, input, output, error, and its step timeline."""
-    the_app = _app(app, database_url)
+    the_app = _app(app, database_url, existing=True)
 
     async def body() -> None:
         run = await the_app.get_run(run_id)
@@ -319,7 +342,7 @@ def signal_(
     database_url: DbOpt = None,
 ) -> None:
     """Send signal NAME to a run."""
-    the_app = _app(app, database_url)
+    the_app = _app(app, database_url, existing=True)
     value = _parse_json(payload, "--payload")
     _run(the_app, lambda: the_app.signal(run_id, name, value))
     typer.echo(f"signal {name!r} sent to {run_id}")
@@ -333,7 +356,7 @@ def cancel(
     database_url: DbOpt = None,
 ) -> None:
     """Cancel a run (and its children)."""
-    the_app = _app(app, database_url)
+    the_app = _app(app, database_url, existing=True)
     status = _run(the_app, lambda: the_app.cancel(run_id, reason))
     if status.value == "running":
         typer.echo(f"{run_id}: cancellation requested; it stops at its next step")
@@ -348,7 +371,7 @@ def retry(
     database_url: DbOpt = None,
 ) -> None:
     """Resume a failed run from the step it failed at."""
-    the_app = _app(app, database_url)
+    the_app = _app(app, database_url, existing=True)
     _run(the_app, lambda: the_app.retry(run_id))
     typer.echo(f"{run_id}: queued again")
 

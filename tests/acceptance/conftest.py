@@ -283,7 +283,17 @@ class Flow:
         return json.loads(result.stdout)
 
     def init_db(self) -> None:
-        """Create the schema through the CLI (any read command opens and migrates)."""
+        """Create the schema (opening an App migrates), then read it through the CLI."""
+        import asyncio
+
+        import flowdesk
+
+        async def create() -> None:
+            app = flowdesk.App(self.url)
+            await app.open()
+            await app.close()
+
+        asyncio.run(create())
         assert self.cli_json("runs", "list") == {"runs": [], "next_cursor": None}
 
     def start(self, workflow: str, payload: Any, *extra: str) -> str:

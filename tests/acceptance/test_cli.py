@@ -386,3 +386,19 @@ def test_another_programs_sqlite_database_is_refused(flow: Flow) -> None:
     finally:
         conn.close()
     assert tables == ["invoices"]
+
+
+def test_read_commands_never_create_a_database(flow: Flow) -> None:
+    missing = flow.root / "typo.db"
+    url = f"sqlite:///{missing}"
+    for args in (
+        ("runs", "list"),
+        ("runs", "show", "f" * 32),
+        ("signal", "f" * 32, "approve"),
+        ("cancel", "f" * 32),
+        ("retry", "f" * 32),
+    ):
+        result = flow.cli(*args, "--database-url", url)
+        _assert_clean_error(result, "no flowdesk database at", str(missing))
+        assert result.returncode == 1
+    assert not missing.exists()

@@ -338,3 +338,46 @@ async def test_replaying_a_deterministic_workflow_many_times_is_stable(app, wait
             await app.signal(h.id, "next", 1)
         assert await app.result(h.id, timeout=10) == sum(i * i for i in range(8)) + 8
     assert calls == {i: 1 for i in range(8)}
+
+
+async def test_a_workflow_that_now_returns_before_its_recorded_calls_fails(
+    make_app, wait_status
+):
+    """New code that stops earlier than the history it replays has changed under the run."""
+    old = make_app()
+
+    @old.step(name="one")
+    async def one() -> int:
+        return 1
+
+    @old.step(name="two")
+    async def two() -> int:
+        return 2
+
+    @old.workflow("shrinks")
+    async def shrinks(ctx: flowdesk.Context) -> int:
+        total = await ctx.step(one) + await ctx.step(two)
+        await ctx.wait_signal("go")
+        return total
+
+    async with old, old.worker():
+        h = await old.start("shrinks")
+        await wait_status(old, h.id, RunStatus.WAITING)
+
+    new = make_app()
+
+    @new.step(name="one")
+    async def one_again() -> int:
+        return 1
+
+    @new.workflow("shrinks")
+    async def shrunk(ctx: flowdesk.Context) -> int:
+        return await ctx.step(one_again)
+
+    async with new, new.worker():
+        await new.signal(h.id, "go")
+        run = await new.wait(h.id, timeout=10)
+    assert run.status is RunStatus.FAILED
+    assert run.error is not None
+    assert run.error["type"] == "NonDeterminismError"
+    assert "two" in run.error["message"] and "returned" in run.error["message"]

@@ -388,6 +388,19 @@ class Context:
             raise self.nondeterminism
         return seq
 
+    def check_history_consumed(self) -> None:
+        """At the end of a workflow: every recorded call was made again. A workflow that now
+        returns before calls its history records has changed under the run."""
+        if self._last_recorded > self._seq:
+            rec = self._history.get(self._seq + 1)
+            self.nondeterminism = errors.NonDeterminismError(
+                self.run_id,
+                self._seq + 1,
+                rec.name if rec else "(a recorded call)",
+                "(the workflow returned)",
+            )
+            raise self.nondeterminism
+
     def _take_buffer(self) -> tuple[list[StepRow], dict[str, int]]:
         rows, versions = self._buffer, self._new_versions
         self._buffer, self._new_versions = [], {}

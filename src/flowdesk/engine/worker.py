@@ -186,8 +186,10 @@ class Worker:
 
     # -- heartbeats ------------------------------------------------------------------
     async def _heartbeat_once(self) -> None:
+        executing = [run_id for run_id, task in self._tasks.items() if not task.done()]
         held, to_cancel = await self.app.store.heartbeat(
             self.id,
+            executing,
             self.app.lease_ms,
             {
                 "host": socket.gethostname(),
@@ -197,9 +199,7 @@ class Worker:
                 "started_at": int(self._started * 1000),
             },
         )
-        for run_id, task in list(self._tasks.items()):
-            if task.done():
-                continue
+        for run_id in executing:
             if run_id not in held:
                 log.warning("lost the lease of run %s; dropping it", run_id)
                 self.interrupt(run_id, "lease")
@@ -240,6 +240,7 @@ class Worker:
             result = await wdef.fn(ctx, **kwargs)
             if ctx.nondeterminism is not None:  # the workflow caught it; the run still fails
                 raise ctx.nondeterminism
+            ctx.check_history_consumed()
             output = codec.encode(result, f"result of workflow {wdef.name!r}")
             status = RunStatus.SUCCEEDED
         except errors.Suspended:

@@ -300,10 +300,12 @@ class Store(ABC):
 
     @abstractmethod
     async def heartbeat(
-        self, owner: str, lease_ms: int, info: dict[str, Any]
+        self, owner: str, run_ids: Sequence[str], lease_ms: int, info: dict[str, Any]
     ) -> tuple[set[str], set[str]]:
-        """Extend the leases of every run ``owner`` holds. Returns (held, to_cancel): the
-        ids it still holds, and those of them with a cancellation request."""
+        """Extend the leases of the runs ``owner`` executes (``run_ids``) and still holds.
+        Returns (held, to_cancel): those ids, and the ones with a cancellation request. A
+        run the owner holds in the store but no longer executes is not extended, so its
+        lease runs out and another worker recovers it."""
 
     @abstractmethod
     async def forget_worker(self, owner: str) -> None: ...

@@ -677,15 +677,16 @@ class SQLiteStore(base.Store):
         return bool(rows)
 
     async def heartbeat(
-        self, owner: str, lease_ms: int, info: dict[str, Any]
+        self, owner: str, run_ids: Sequence[str], lease_ms: int, info: dict[str, Any]
     ) -> tuple[set[str], set[str]]:
         now = now_ms()
+        ids = json.dumps(list(run_ids))
 
         def body(conn: sqlite3.Connection) -> tuple[set[str], set[str]]:
             rows = conn.execute(
                 "UPDATE runs SET due_at = ? WHERE lease_owner = ? AND status = 'running'"
-                " RETURNING id, cancel_requested",
-                (now + lease_ms, owner),
+                " AND id IN (SELECT value FROM json_each(?)) RETURNING id, cancel_requested",
+                (now + lease_ms, owner, ids),
             ).fetchall()
             conn.execute(
                 "INSERT INTO workers (id, host, pid, queues, concurrency, started_at,"
