@@ -39,6 +39,8 @@ cli = typer.Typer(
 )
 runs_cli = typer.Typer(help="List and inspect runs.", no_args_is_help=True)
 cli.add_typer(runs_cli, name="runs")
+schedules_cli = typer.Typer(help="List, pause and resume cron schedules.", no_args_is_help=True)
+cli.add_typer(schedules_cli, name="schedules")
 
 AppOpt = Annotated[
     str | None,
@@ -144,6 +146,9 @@ def _run_json(run: RunRecord) -> dict[str, Any]:
         "error": run.error,
         "idempotency_key": run.idempotency_key,
         "parent_id": run.parent_id,
+        "forked_from": run.forked_from,
+        "forked_seq": run.forked_seq,
+        "priority": run.priority,
         "attempts": run.attempts,
         "waiting_for": run.waiting_for,
         "created_at": run.created_at.isoformat(),
@@ -229,6 +234,14 @@ def start(
     idempotency_key: Annotated[str | None, typer.Option(help="Start at most once.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: seconds.")] = None,
+    queue: Annotated[str | None, typer.Option(help="Queue (default: the workflow's).")] = None,
+    priority: Annotated[int, typer.Option(help="Higher starts first in its queue.")] = 0,
+    dedupe_key: Annotated[
+        str | None, typer.Option(help="Return the queued run with this key, if any.")
+    ] = None,
+    run_timeout: Annotated[
+        float | None, typer.Option("--run-timeout", help="Cancel the run after N seconds.")
+    ] = None,
     app: AppOpt = None,
     database_url: DbOpt = None,
     as_json: JsonOpt = False,
@@ -238,7 +251,15 @@ def start(
     payload = _parse_json(input, "--input")
 
     async def body() -> None:
-        handle = await the_app.start(workflow, payload, idempotency_key=idempotency_key)
+        handle = await the_app.start(
+            workflow,
+            payload,
+            idempotency_key=idempotency_key,
+            queue=queue,
+            priority=priority,
+            dedupe_key=dedupe_key,
+            timeout=run_timeout,
+        )
         out: dict[str, Any] = {"id": handle.id, "workflow": workflow, "created": handle.created}
         if wait:
             run = await the_app.wait(handle.id, timeout=timeout)
@@ -309,6 +330,10 @@ def runs_show(
             return
         typer.echo(f"run       {run.id}")
         typer.echo(f"workflow  {run.workflow}")
+        if run.forked_from:
+            typer.echo(f"forked    from {run.forked_from} at step {run.forked_seq}")
+        if run.parent_id:
+            typer.echo(f"parent    {run.parent_id} (step {run.parent_seq})")
         typer.echo(
             f"status    {run.status.value}"
             + (f" (waiting for {', '.join(run.waiting_for)})" if run.waiting_for else "")
@@ -374,6 +399,92 @@ def retry(
     the_app = _app(app, database_url, existing=True)
     _run(the_app, lambda: the_app.retry(run_id))
     typer.echo(f"{run_id}: queued again")
+
+
+@cli.command()
+def fork(
+    run_id: Annotated[str, typer.Argument(help="The run to fork.")],
+    from_step: Annotated[int, typer.Option("--from-step", help="First step to run again.")],
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a new run that keeps RUN_ID's results before --from-step and runs from there."""
+    the_app = _app(app, database_url, existing=True)
+
+    async def body() -> None:
+        handle = await the_app.fork(run_id, from_step)
+        run = await the_app.get_run(handle.id)
+        if as_json:
+            typer.echo(
+                json.dumps({"id": handle.id, "forked_from": run_id, "forked_seq": run.forked_seq})
+            )
+        else:
+            typer.echo(f"{handle.id} (forked from {run_id} at step {run.forked_seq})")
+
+    _run(the_app, body)
+
+
+@schedules_cli.command("list")
+def schedules_list(
+    app: AppOpt = None, database_url: DbOpt = None, as_json: JsonOpt = False
+) -> None:
+    """List schedules with their next tick."""
+    the_app = _app(app, database_url, existing=True)
+
+    async def body() -> None:
+        items = await the_app.schedules()
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    [
+                        {
+                            "name": s.name,
+                            "workflow": s.workflow,
+                            "cron": s.cron,
+                            "catchup": s.catchup,
+                            "paused": s.paused,
+                            "next_tick": s.next_tick.isoformat(),
+                            "last_tick": s.last_tick.isoformat() if s.last_tick else None,
+                        }
+                        for s in items
+                    ]
+                )
+            )
+            return
+        typer.echo(f"{'NAME':28} {'CRON':16} {'CATCHUP':8} {'STATE':7} {'NEXT':19} LAST")
+        for s in items:
+            typer.echo(
+                f"{s.name[:28]:28} {s.cron:16} {s.catchup:8} "
+                f"{'paused' if s.paused else 'active':7} {_when(s.next_tick)} "
+                f"{_when(s.last_tick)}"
+            )
+
+    _run(the_app, body)
+
+
+@schedules_cli.command("pause")
+def schedules_pause(
+    name: Annotated[str, typer.Argument(help="Schedule (workflow) name.")],
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Pause a schedule: no run starts until it is resumed."""
+    the_app = _app(app, database_url, existing=True)
+    _run(the_app, lambda: the_app.pause_schedule(name))
+    typer.echo(f"schedule {name} paused")
+
+
+@schedules_cli.command("resume")
+def schedules_resume(
+    name: Annotated[str, typer.Argument(help="Schedule (workflow) name.")],
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Resume a schedule from its next tick (ticks while paused are skipped)."""
+    the_app = _app(app, database_url, existing=True)
+    _run(the_app, lambda: the_app.resume_schedule(name))
+    typer.echo(f"schedule {name} resumed")
 
 
 def main() -> None:

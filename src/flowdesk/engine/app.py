@@ -13,11 +13,19 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from flowdesk import codec, errors
-from flowdesk.engine import registry
+from flowdesk.engine import registry, schedules
 from flowdesk.engine.writer import Writer
 from flowdesk.store import base
 from flowdesk.store import sqlite as sqlite_store
-from flowdesk.store.base import NewRun, Page, RunRecord, RunStatus, StepRecord
+from flowdesk.store.base import (
+    NewRun,
+    Page,
+    QueueLimits,
+    RunRecord,
+    RunStatus,
+    ScheduleRecord,
+    StepRecord,
+)
 
 if TYPE_CHECKING:
     from flowdesk.engine.worker import Worker
@@ -25,6 +33,10 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_URL = "sqlite:///flowdesk.db"
+
+
+def _secs(value: timedelta | float | None) -> float | None:
+    return value.total_seconds() if isinstance(value, timedelta) else value
 
 
 def new_run_id() -> str:
@@ -65,6 +77,7 @@ class App:
         executor_threads: int = 32,
     ) -> None:
         self.database_url = database_url or os.environ.get("FLOWDESK_DATABASE_URL") or DEFAULT_URL
+        self.new_run_id = new_run_id
         if lease_seconds <= 0 or poll_interval <= 0:
             raise errors.ConfigurationError("lease_seconds and poll_interval must be > 0")
         self.lease_ms = int(lease_seconds * 1000)
@@ -82,6 +95,8 @@ class App:
         self._wake: asyncio.Event | None = None
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._fn_names: dict[Callable[..., Any], str] = {}
+        self.queues: dict[str, QueueLimits] = {}
+        self.schedule_defs: dict[str, schedules.Schedule] = {}
 
     # -- registration ----------------------------------------------------------------
     @overload
@@ -140,16 +155,70 @@ class App:
         name: str | None = None,
         *,
         queue: str = "default",
+        timeout: float | timedelta | None = None,
+        schedule: str | None = None,
+        catchup: str = "skip",
+        key: str | None = None,
     ) -> Callable[[F], F]:
-        """Register an ``async def workflow(ctx, **input)`` under ``name``."""
+        """Register an ``async def workflow(ctx, **input)`` under ``name``.
+
+        ``queue`` names the queue its runs wait in (see `queue`). ``timeout`` cancels a run
+        (and its children) that has not finished that long after it started. ``schedule``
+        is a cron expression: one run starts per tick, however many workers run, and
+        ``catchup`` says what happens to ticks missed while nothing ran (``"skip"``: only
+        the latest runs; ``"all"``: every one). ``key`` names an input field whose value
+        is the run's concurrency key (for ``per_key_concurrency``)."""
 
         def decorate(fn: F) -> F:
             wname = name or fn.__qualname__
-            self.registry.add_workflow(registry.WorkflowDef(fn, name=wname, queue=queue))
+            wdef = registry.WorkflowDef(
+                fn, name=wname, queue=queue, timeout=_secs(timeout), key=key
+            )
+            if key is not None and key not in wdef.params and not wdef.single_model:
+                raise errors.ConfigurationError(
+                    f"Workflow {wname!r}: key={key!r} is not one of its inputs {wdef.params}."
+                )
+            sched = None
+            if schedule is not None:
+                sched = schedules.validate(wname, schedule, catchup, wdef)
+            self.registry.add_workflow(wdef)
+            if sched is not None:
+                self.schedule_defs[wname] = sched
             self._fn_names[fn] = wname
             return fn
 
         return decorate
+
+    def queue(
+        self,
+        name: str,
+        *,
+        concurrency: int | None = None,
+        rate: tuple[int, timedelta | float] | None = None,
+        per_key_concurrency: int | None = None,
+    ) -> QueueLimits:
+        """Declare a queue's limits; they hold across every worker sharing the store.
+
+        ``concurrency``: at most this many of its runs execute at once. ``rate=(n, per)``:
+        at most ``n`` runs start in any window of ``per``. ``per_key_concurrency``: at most
+        this many runs with the same concurrency key execute at once (``start(...,
+        concurrency_key=...)`` or the workflow's ``key=`` input field). Within a queue,
+        higher ``priority`` starts first."""
+        for label, value in (
+            ("concurrency", concurrency),
+            ("per_key_concurrency", per_key_concurrency),
+        ):
+            if value is not None and value < 1:
+                raise errors.ConfigurationError(f"queue {name!r}: {label} must be >= 1")
+        count, window = rate if rate is not None else (None, 60.0)
+        window_s = _secs(window) or 0.0
+        if rate is not None and (count is None or count < 1 or window_s <= 0):
+            raise errors.ConfigurationError(
+                f"queue {name!r}: rate must be (n >= 1, a positive window)"
+            )
+        limits = QueueLimits(name, concurrency, count, int(window_s * 1000), per_key_concurrency)
+        self.queues[name] = limits
+        return limits
 
     def workflow_name(self, workflow: str | Callable[..., Any]) -> str:
         if isinstance(workflow, str):
@@ -261,15 +330,29 @@ class App:
         queue: str | None = None,
         priority: int = 0,
         delay: timedelta | float | None = None,
+        timeout: timedelta | float | None = None,
+        concurrency_key: str | None = None,
+        dedupe_key: str | None = None,
+        debounce: timedelta | float | None = None,
     ) -> RunHandle:
-        """Start a run. With an ``idempotency_key`` already used for the same workflow and
-        input, returns that run instead (``created`` is False)."""
+        """Start a run.
+
+        ``idempotency_key``: a key already used for the same workflow and input returns that
+        run (``created`` is False); for other input it raises `IdempotencyConflict`.
+        ``dedupe_key``: while a run with this key is still queued, return it instead of
+        starting another; with ``debounce``, the run waits that long and every repeat start
+        pushes it back and replaces its input (the last one wins). ``priority``: higher
+        starts first within the queue. ``delay``: start no earlier than that. ``timeout``:
+        overrides the workflow's."""
         await self.open()
         name = self.workflow_name(workflow)
         wdef = self.registry.workflow(name)
         encoded = wdef.validate(input)
         now = int(time.time() * 1000)
-        seconds = delay.total_seconds() if isinstance(delay, timedelta) else (delay or 0)
+        wait_s = (_secs(delay) or 0.0) + (_secs(debounce) or 0.0)
+        limit = _secs(timeout) if timeout is not None else wdef.timeout
+        if debounce is not None and dedupe_key is None:
+            raise errors.ConfigurationError("debounce needs a dedupe_key")
         new = NewRun(
             id=new_run_id(),
             workflow=name,
@@ -278,13 +361,52 @@ class App:
             priority=priority,
             idempotency_key=idempotency_key,
             input_hash=sqlite_store.input_hash(encoded) if idempotency_key else None,
-            due_at=now + int(seconds * 1000),
+            due_at=now + int(wait_s * 1000),
             created_at=now,
+            concurrency_key=concurrency_key or wdef.concurrency_key(encoded),
+            dedupe_key=dedupe_key,
+            debounce_ms=None if debounce is None else int((_secs(debounce) or 0) * 1000),
+            deadline_at=None if limit is None else now + int(limit * 1000),
         )
         run_id, created = await self.writer.submit(lambda tx: tx.create_run(new))
         if created:
             self.wake()
         return RunHandle(run_id, name, created, self)
+
+    async def fork(self, run_id: str, from_seq: int) -> RunHandle:
+        """A new run of the same workflow and input that keeps the recorded results before
+        ``from_seq`` (child workflows included: they are not run again) and executes from
+        there. The new run records where it was forked from."""
+        await self.open()
+        new_id = new_run_id()
+        await self.writer.submit(lambda tx: tx.fork(run_id, from_seq, new_id))
+        self.wake()
+        run = await self.get_run(new_id)
+        return RunHandle(new_id, run.workflow, True, self)
+
+    async def schedules(self) -> list[ScheduleRecord]:
+        """Every stored schedule (a worker stores its app's schedules when it starts)."""
+        await self.open()
+        return await self.store.schedules()
+
+    async def pause_schedule(self, name: str) -> None:
+        await self.open()
+        await self.writer.submit(lambda tx: tx.pause_schedule(name, True))
+
+    async def resume_schedule(self, name: str) -> None:
+        """Resume a paused schedule from its next tick after now (paused ticks are skipped)."""
+        await self.open()
+
+        async def op(tx: base.Tx) -> None:
+            record = await tx.get_schedule(name)
+            if record is None:
+                raise errors.NotFound(
+                    f"No schedule {name!r}. List them with `flowdesk schedules list`."
+                )
+            await tx.pause_schedule(name, False)
+            await tx.advance_schedule(name, None, schedules.next_after(record.cron, tx.now))
+
+        await self.writer.submit(op)
 
     async def signal(self, run_id: str, name: str, payload: Any = None) -> None:
         """Send a signal; a run that waits for it wakes. Raises `RunNotFound` for an unknown

@@ -14,7 +14,7 @@ import random as _random
 import time
 import traceback
 import uuid as _uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -30,6 +30,53 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 CHILD_SIGNAL = "flowdesk.child:"
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A `Context.wait_any` branch: the signal ``name``."""
+
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"signal:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    """A `Context.wait_any` branch: a durable timer of ``after`` (seconds or timedelta)."""
+
+    after: timedelta | float
+
+    @property
+    def label(self) -> str:
+        return "timer"
+
+
+@dataclass(frozen=True, slots=True)
+class Child:
+    """A `Context.wait_any` branch: a child workflow started for the wait."""
+
+    workflow: str | Callable[..., Any]
+    input: Any = None
+
+    @property
+    def label(self) -> str:
+        name = self.workflow if isinstance(self.workflow, str) else self.workflow.__qualname__
+        return f"child:{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class FirstOf:
+    """What `Context.wait_any` returns: the index of the branch that came first, and its
+    value. Unpacks as ``index, value = await ctx.wait_any(...)``."""
+
+    index: int
+    value: Any
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.index, self.value))
 
 
 class Cancelled(BaseException):
@@ -272,7 +319,7 @@ class Context:
             started,
             None,
         )
-        await self._await(wait, None, wake_at)
+        await self._await(wait, [], wake_at)
         self._buffer.append(done)  # Expired: the time came while we were recording
 
     async def wait_signal(self, name: str, timeout: timedelta | float | None = None) -> Any:
@@ -305,7 +352,7 @@ class Context:
             started,
             None,
         )
-        outcome = await self._await(wait, name, deadline)
+        outcome = await self._await(wait, [name], deadline)
         if isinstance(outcome, Resolved):
             return outcome.payload
         info = {"type": "WaitTimeout", "message": f"no signal {name!r} before the deadline"}
@@ -357,7 +404,7 @@ class Context:
             started,
             None,
         )
-        outcome = await self._await(wait, CHILD_SIGNAL + child_id, None, children)
+        outcome = await self._await(wait, [CHILD_SIGNAL + child_id], None, children)
         assert isinstance(outcome, Resolved)
         return self._child_outcome(seq, step_name, wdef, outcome.payload)
 
@@ -375,6 +422,107 @@ class Context:
         )
         self._failures[id(failure)] = seq
         raise failure
+
+    async def wait_any(
+        self, branches: Sequence[Signal | Timer | Child], *, cancel_others: bool = True
+    ) -> FirstOf:
+        """Wait for the first of several signals, timers and child workflows.
+
+        Returns ``FirstOf(index, value)``: which branch came first and its value (the signal
+        payload, None for a timer, the child's result). Children that lost are cancelled,
+        unless ``cancel_others=False`` leaves them running. Signals that lost stay pending
+        for a later wait. A failed child that comes first raises `StepFailed`."""
+        if not branches:
+            raise errors.ConfigurationError("wait_any needs at least one branch")
+        step_name = "any:" + "|".join(b.label for b in branches)
+        seq = self._next(step_name, "any")
+        rec = self._history.get(seq)
+        names: list[str] = []
+        children: list[NewRun] = []
+        child_names: dict[str, str] = {}
+        for i, branch in enumerate(branches):
+            if isinstance(branch, Signal):
+                names.append(branch.name)
+            elif isinstance(branch, Child):
+                child_id = f"{self.run_id}-{seq}-{i}"
+                name = CHILD_SIGNAL + child_id
+                names.append(name)
+                child_names[name] = child_id
+                if rec is None:
+                    wname = self._rt.workflow_name(branch.workflow)
+                    wdef = self._rt.registry.workflow(wname)
+                    children.append(
+                        NewRun(
+                            id=child_id,
+                            workflow=wname,
+                            input=wdef.validate(branch.input),
+                            queue=wdef.queue,
+                            parent_id=self.run_id,
+                            parent_seq=seq,
+                        )
+                    )
+        timers = [(i, b) for i, b in enumerate(branches) if isinstance(b, Timer)]
+        if rec is not None and rec.status == "ok":
+            return self._first_of(seq, step_name, branches, names, codec.decode(rec.output))
+        now = _now_ms()
+        if rec is not None:
+            pending = codec.decode(rec.output)
+            deadline, timer_index, started = pending["deadline"], pending["timer"], rec.started_at
+        else:
+            deadline, timer_index, started = None, None, now
+            for i, timer in timers:
+                at = now + int(_seconds(timer.after) * 1000)
+                if deadline is None or at < deadline:
+                    deadline, timer_index = at, i
+        wait = StepRow(
+            seq,
+            step_name,
+            "any",
+            "pending",
+            codec.encode({"deadline": deadline, "timer": timer_index}),
+            None,
+            1,
+            started,
+            None,
+        )
+        losers = child_names if cancel_others else None
+        outcome = await self._await(wait, names, deadline, children, losers)
+        if isinstance(outcome, Resolved):
+            return self._first_of(
+                seq, step_name, branches, names, {"name": outcome.name, "payload": outcome.payload}
+            )
+        # The timer came first: record it, and cancel the children in the same commit.
+        done = StepRow(
+            seq,
+            step_name,
+            "any",
+            "ok",
+            codec.encode({"timer": timer_index}),
+            None,
+            1,
+            started,
+            _now_ms(),
+        )
+        await self._write(done, cancel=list(child_names.values()) if cancel_others else [])
+        return FirstOf(int(timer_index), None)
+
+    def _first_of(
+        self,
+        seq: int,
+        step_name: str,
+        branches: Sequence[Signal | Timer | Child],
+        names: list[str],
+        recorded: dict[str, Any],
+    ) -> FirstOf:
+        if "timer" in recorded:
+            return FirstOf(int(recorded["timer"]), None)
+        name = recorded["name"]
+        index = [i for i, b in enumerate(branches) if not isinstance(b, Timer)][names.index(name)]
+        branch = branches[index]
+        if isinstance(branch, Child):
+            wdef = self._rt.registry.workflow(self._rt.workflow_name(branch.workflow))
+            return FirstOf(index, self._child_outcome(seq, step_name, wdef, recorded["payload"]))
+        return FirstOf(index, recorded["payload"])
 
     # -- recording -------------------------------------------------------------------
     def _next(self, name: str, kind: str) -> int:
@@ -409,28 +557,46 @@ class Context:
     def _fenced(self, exc: Fenced) -> BaseException:
         return Cancelled() if exc.reason == "cancel" else errors.LeaseLost()
 
-    async def _write(self, row: StepRow) -> None:
+    async def _write(self, row: StepRow, cancel: Sequence[str] = ()) -> None:
         rows, versions = self._take_buffer()
         rows.append(row)
         run_id, owner = self.run_id, self._owner
+        if cancel:
+
+            async def op(tx: base.Tx) -> None:
+                await tx.record(run_id, owner, rows, versions)
+                for child_id in cancel:
+                    try:
+                        await tx.cancel(child_id, "another branch of wait_any won")
+                    except errors.InvalidState:
+                        pass  # it had already finished
+
+        else:
+
+            async def op(tx: base.Tx) -> None:
+                await tx.record(run_id, owner, rows, versions)
+
         try:
-            await self._rt.writer.submit(lambda tx: tx.record(run_id, owner, rows, versions))
+            await self._rt.writer.submit(op)
         except Fenced as exc:
             raise self._fenced(exc) from None
 
     async def _await(
         self,
         wait: StepRow,
-        signal: str | None,
+        signals: list[str],
         deadline: int | None,
         children: list[NewRun] | None = None,
+        losers: dict[str, str] | None = None,
     ) -> base.AwaitOutcome:
         rows, versions = self._take_buffer()
         run_id, owner = self.run_id, self._owner
         kids = children or []
         try:
             outcome: base.AwaitOutcome = await self._rt.writer.submit(
-                lambda tx: tx.await_(run_id, owner, rows, versions, wait, signal, deadline, kids)
+                lambda tx: tx.await_(
+                    run_id, owner, rows, versions, wait, signals, deadline, kids, losers
+                )
             )
         except Fenced as exc:
             raise self._fenced(exc) from None

@@ -109,7 +109,15 @@ class StepDef(Generic[P, R]):
 class WorkflowDef:
     """A workflow: an ``async def`` taking a `Context` and JSON input."""
 
-    def __init__(self, fn: Callable[..., Any], *, name: str, queue: str) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str,
+        queue: str,
+        timeout: float | None = None,
+        key: str | None = None,
+    ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise errors.ConfigurationError(
                 f"Workflow {name!r} must be an `async def` function taking a Context first."
@@ -117,6 +125,8 @@ class WorkflowDef:
         self.fn = fn
         self.name = name
         self.queue = queue
+        self.timeout = timeout
+        self.key = key  # input field whose value is the run's concurrency key
         self._result_adapter = _return_adapter(fn)
         params = list(inspect.signature(fn).parameters.values())[1:]
         hints = typing.get_type_hints(fn)
@@ -161,6 +171,12 @@ class WorkflowDef:
                 self.name, [dict(e) for e in exc.errors(include_url=False, include_input=False)]
             ) from None
         return codec.encode(model.model_dump(mode="json"), "workflow input")
+
+    def concurrency_key(self, encoded: str) -> str | None:
+        if self.key is None:
+            return None
+        value = json.loads(encoded).get(self.key)
+        return None if value is None else str(value)
 
     def kwargs(self, encoded: str) -> dict[str, Any]:
         model = self.model.model_validate_json(encoded)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 from flowdesk import codec, errors
 from flowdesk.engine import context as context_mod
+from flowdesk.engine import schedules
 from flowdesk.store.base import Claimed, Fenced, RunStatus, Tx
 
 if TYPE_CHECKING:
@@ -28,7 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flowdesk.worker")
 
-StopReason = Literal["cancel", "lease", "shutdown"]
+TIMEOUT_REASON = "the run passed its timeout"
+TIMEOUT_ERROR = codec.encode({"type": "WorkflowTimeout", "message": TIMEOUT_REASON})
+
+StopReason = Literal["cancel", "lease", "shutdown", "timeout"]
 
 
 class Worker:
@@ -96,17 +100,20 @@ class Worker:
             raise errors.ConfigurationError("The app has no workflows: nothing to work on.")
         app._attach(self)
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="flowdesk-heartbeat")
+        upkeep = asyncio.create_task(self._upkeep_loop(), name="flowdesk-upkeep")
         wake = app._wake_event()
         try:
             await self._heartbeat_once()
+            await schedules.sync(app)
             await self._claim_loop(queues, workflows, wake)
         finally:
             await self._drain()
-            heartbeat.cancel()
-            try:
-                await heartbeat
-            except asyncio.CancelledError:
-                pass
+            for side in (heartbeat, upkeep):
+                side.cancel()
+                try:
+                    await side
+                except asyncio.CancelledError:
+                    pass
             app._detach(self)
             try:
                 await app.store.forget_worker(self.id)
@@ -126,7 +133,9 @@ class Worker:
             got = 0
             if free > 0 and (woken or await app.store.has_due(queues, workflows)):
                 wake.clear()
-                claimed = await app.store.claim(self.id, queues, workflows, free, app.lease_ms)
+                claimed = await app.store.claim(
+                    self.id, queues, workflows, free, app.lease_ms, app.queues
+                )
                 got = len(claimed)
                 for c in claimed:
                     self._launch(c)
@@ -206,6 +215,32 @@ class Worker:
             elif run_id in to_cancel:
                 self.interrupt(run_id, "cancel")
 
+    async def _upkeep_loop(self) -> None:
+        """Fire due schedules, and cancel queued or waiting runs past their deadline."""
+        app = self.app
+        last_overdue = 0.0
+        while True:
+            await asyncio.sleep(app.poll_interval)
+            try:
+                if app.schedule_defs:
+                    await schedules.fire_due(app)
+                if time.monotonic() - last_overdue >= 1.0:
+                    last_overdue = time.monotonic()
+                    await self._cancel_overdue()
+            except Exception:
+                log.exception("schedule or deadline check failed; trying again")
+
+    async def _cancel_overdue(self) -> None:
+        async def op(tx: Tx) -> list[str]:
+            ids = await tx.overdue(100)
+            for run_id in ids:
+                await tx.cancel(run_id, TIMEOUT_REASON, "WorkflowTimeout")
+            return ids
+
+        ids: list[str] = await self.app.writer.submit(op)
+        for run_id in ids:
+            self.app._finished(run_id)
+
     async def _heartbeat_loop(self) -> None:
         interval = self.app.heartbeat_interval
         while True:
@@ -233,6 +268,12 @@ class Worker:
         output: str | None = None
         error: str | None = None
         failed_seq: int | None = None
+        timer: asyncio.TimerHandle | None = None
+        if claimed.deadline_at is not None:
+            left = claimed.deadline_at / 1000 - time.time()
+            timer = asyncio.get_running_loop().call_later(
+                max(left, 0), self.interrupt, run_id, "timeout"
+            )
         try:
             if claimed.cancel_requested:
                 raise context_mod.Cancelled()
@@ -253,6 +294,9 @@ class Worker:
             reason = self._stop_reasons.get(run_id, "shutdown")
             if reason == "cancel":
                 status = RunStatus.CANCELLED
+            elif reason == "timeout":
+                status = RunStatus.CANCELLED
+                error = TIMEOUT_ERROR
             elif reason == "shutdown":
                 await self._release(run_id)
                 return
@@ -265,6 +309,9 @@ class Worker:
             error = codec.encode(context_mod.error_info(exc))
             if not isinstance(exc, (errors.StepFailed, errors.WaitTimeout)):
                 log.warning("run %s (%s) failed: %r", run_id, wdef.name, exc)
+        finally:
+            if timer is not None:
+                timer.cancel()
         rows, versions = ctx.pending()
         final = status
 

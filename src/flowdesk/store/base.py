@@ -43,7 +43,7 @@ class RunStatus(enum.StrEnum):
 
 _FINISHED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
 
-StepKind = Literal["step", "sleep", "signal", "child", "now"]
+StepKind = Literal["step", "sleep", "signal", "child", "now", "any"]
 StepStatus = Literal["ok", "error", "pending"]
 
 
@@ -78,6 +78,8 @@ class RunRecord:
     started_at: datetime | None
     updated_at: datetime
     finished_at: datetime | None
+    concurrency_key: str | None = None
+    deadline_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,6 +144,36 @@ class NewRun:
     parent_seq: int | None = None
     due_at: int = 0
     created_at: int = 0
+    concurrency_key: str | None = None
+    dedupe_key: str | None = None
+    debounce_ms: int | None = None  # with dedupe_key: each repeat start pushes due_at out
+    deadline_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLimits:
+    """Limits that hold across every worker sharing the store."""
+
+    name: str
+    concurrency: int | None = None
+    rate: int | None = None  # at most this many first starts ...
+    rate_window_ms: int = 60_000  # ... in any window this long
+    per_key_concurrency: int | None = None
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.concurrency or self.rate or self.per_key_concurrency)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleRecord:
+    name: str
+    workflow: str
+    cron: str
+    catchup: str
+    paused: bool
+    last_tick: datetime | None
+    next_tick: datetime
 
 
 @dataclass(slots=True)
@@ -153,6 +185,7 @@ class Claimed:
     input: str
     attempts: int
     cancel_requested: bool
+    deadline_at: int | None = None
     history: dict[int, HistoryRow] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
 
@@ -177,7 +210,7 @@ class Resolved:
     """An awaited thing had already happened; `payload` is its recorded value."""
 
     payload: Any
-    error: dict[str, Any] | None = None
+    name: str | None = None  # which signal it was
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,17 +252,21 @@ class Tx(ABC):
         rows: Sequence[StepRow],
         versions: dict[str, int],
         wait: StepRow,
-        signal: str | None,
+        signals: Sequence[str],
         deadline: int | None,
         children: Sequence[NewRun] = (),
+        losers: dict[str, str] | None = None,
     ) -> AwaitOutcome:
         """Resolve a wait at once or park the run. Fenced.
 
-        Writes ``rows``, ``versions`` and ``children`` first. Then, when ``signal`` names a
-        pending signal, consumes the oldest one and records ``wait`` as done with its
-        payload (`Resolved`); else when ``deadline`` has passed returns `Expired` (the
-        caller records the outcome); else records ``wait`` as pending and parks the run as
-        `waiting` until the signal or the deadline (`Parked`)."""
+        Writes ``rows``, ``versions`` and ``children`` first. Then, when one of
+        ``signals`` is pending, consumes the oldest such signal and records ``wait`` as done
+        with ``{"name": ..., "payload": ...}`` when there are several names, or with the
+        bare payload for one (`Resolved`); else when ``deadline`` has passed returns
+        `Expired` (the caller records the outcome); else records ``wait`` as pending and
+        parks the run as `waiting` until a signal or the deadline (`Parked`).
+        ``losers`` maps signal names to child runs: on `Resolved`, every child but the
+        winner's is cancelled in the same transaction."""
 
     @abstractmethod
     async def finish(
@@ -254,13 +291,43 @@ class Tx(ABC):
         """Store a signal for a run and wake the run if it waits for that name."""
 
     @abstractmethod
-    async def cancel(self, run_id: str, reason: str) -> RunStatus:
+    async def cancel(self, run_id: str, reason: str, kind: str = "Cancelled") -> RunStatus:
         """Cancel a run and its unfinished children; returns the status it ends in
         (`running` runs are flagged and stop at their next step)."""
 
     @abstractmethod
     async def retry(self, run_id: str) -> None:
         """Queue a failed run again, dropping the recorded error of the step it failed at."""
+
+    @abstractmethod
+    async def fork(self, run_id: str, from_seq: int, new_id: str) -> int:
+        """Create run ``new_id`` with the workflow and input of ``run_id`` and a copy of its
+        recorded steps before ``from_seq`` (moved back to the first pending wait, if one
+        comes earlier). Returns the seq it really forks from."""
+
+    @abstractmethod
+    async def sync_schedule(
+        self, name: str, workflow: str, cron: str, catchup: str, next_tick: int
+    ) -> ScheduleRecord:
+        """Create the schedule, or update its cron and catch-up policy (a changed cron
+        restarts from ``next_tick``). Returns it as stored."""
+
+    @abstractmethod
+    async def get_schedule(self, name: str) -> ScheduleRecord | None: ...
+
+    @abstractmethod
+    async def advance_schedule(self, name: str, last_tick: int | None, next_tick: int) -> None: ...
+
+    @abstractmethod
+    async def pause_schedule(self, name: str, paused: bool) -> None: ...
+
+    @abstractmethod
+    async def overdue(self, limit: int) -> list[str]:
+        """Queued or waiting runs whose deadline has passed."""
+
+
+Op = Callable[[Tx], Awaitable[Any]]
+"""A write operation: runs inside `Store.transact`."""
 
 
 class Store(ABC):
@@ -290,9 +357,12 @@ class Store(ABC):
         workflows: Sequence[str],
         limit: int,
         lease_ms: int,
+        limits: dict[str, QueueLimits] | None = None,
     ) -> list[Claimed]:
         """Atomically take up to ``limit`` due runs: queued ones, waiting ones whose timer
-        fired, and running ones whose lease expired (their worker died)."""
+        fired, and running ones whose lease expired (their worker died), by priority, then
+        due time. Queue ``limits`` (concurrency, start rate, per-key concurrency) hold
+        across every worker, because the count and the claim are one transaction."""
 
     @abstractmethod
     async def has_due(self, queues: Sequence[str], workflows: Sequence[str]) -> bool:
@@ -309,6 +379,13 @@ class Store(ABC):
 
     @abstractmethod
     async def forget_worker(self, owner: str) -> None: ...
+
+    @abstractmethod
+    async def schedules(self) -> list[ScheduleRecord]: ...
+
+    @abstractmethod
+    async def due_schedules(self) -> list[str]:
+        """Names of unpaused schedules whose next tick has come."""
 
     @abstractmethod
     async def get_run(self, run_id: str) -> RunRecord | None: ...

@@ -38,20 +38,24 @@ from flowdesk.store.base import (
     NewRun,
     Page,
     Parked,
+    QueueLimits,
     Resolved,
     RunRecord,
     RunStatus,
+    ScheduleRecord,
     StepRecord,
     StepRow,
 )
 
 SEP = "\x1f"
+_LOST_RACE = json.dumps({"type": "Cancelled", "message": "another branch of wait_any won"})
 CHILD_SIGNAL = "flowdesk.child:"
 
 _RUN_COLUMNS = (
     "id, workflow, queue, priority, status, input, output, error, idempotency_key, parent_id, "
     "parent_seq, forked_from, forked_seq, attempts, cancel_requested, failed_seq, waiting_for, "
-    "due_at, lease_owner, created_at, started_at, updated_at, finished_at"
+    "due_at, lease_owner, created_at, started_at, updated_at, finished_at, concurrency_key,"
+    " deadline_at"
 )
 
 
@@ -67,6 +71,63 @@ _INSERT_STEP_FENCED = (
     " (SELECT 1 FROM runs WHERE id = ? AND lease_owner = ? AND status = 'running'"
     " AND cancel_requested = 0)"
 )
+
+
+_CLAIM_SET = (
+    "UPDATE runs SET status = 'running', lease_owner = ?, due_at = ?,"
+    " attempts = attempts + 1, started_at = COALESCE(started_at, ?),"
+    " updated_at = ?, waiting_for = NULL"
+)
+_CLAIM_RETURNING = " RETURNING id, workflow, input, attempts, cancel_requested, deadline_at"
+
+
+def _pick_limited(
+    conn: sqlite3.Connection, q: QueueLimits, workflows: str, now: int, room: int
+) -> list[str]:
+    """Ids of due runs of queue ``q`` that fit its limits now, best first. Runs whose lease
+    expired are not counted as running: claiming them again is what recovers them."""
+    if q.concurrency is not None:
+        running = conn.execute(
+            "SELECT COUNT(*) FROM runs WHERE queue = ? AND status = 'running' AND due_at > ?",
+            (q.name, now),
+        ).fetchone()[0]
+        room = min(room, q.concurrency - running)
+    if room <= 0:
+        return []
+    starts_left: int | None = None
+    if q.rate is not None:
+        started = conn.execute(
+            "SELECT COUNT(*) FROM runs WHERE queue = ? AND started_at > ?",
+            (q.name, now - q.rate_window_ms),
+        ).fetchone()[0]
+        starts_left = q.rate - started
+    candidates = conn.execute(
+        "SELECT id, concurrency_key, started_at IS NULL FROM runs WHERE queue = ?"
+        " AND due_at <= ? AND workflow IN (SELECT value FROM json_each(?))"
+        " ORDER BY priority DESC, due_at LIMIT ?",
+        (q.name, now, workflows, room * 4 + 64),
+    ).fetchall()
+    per_key: dict[str, int] = {}
+    picked: list[str] = []
+    for run_id, key, fresh in candidates:
+        if len(picked) >= room:
+            break
+        if fresh and starts_left is not None and starts_left <= 0:
+            continue
+        if key is not None and q.per_key_concurrency is not None:
+            if key not in per_key:
+                per_key[key] = conn.execute(
+                    "SELECT COUNT(*) FROM runs WHERE queue = ? AND concurrency_key = ?"
+                    " AND status = 'running' AND due_at > ?",
+                    (q.name, key, now),
+                ).fetchone()[0]
+            if per_key[key] >= q.per_key_concurrency:
+                continue
+            per_key[key] += 1
+        if fresh and starts_left is not None:
+            starts_left -= 1
+        picked.append(run_id)
+    return picked
 
 
 def now_ms() -> int:
@@ -95,6 +156,21 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
     return path, options
 
 
+_SCHEDULE_COLUMNS = "name, workflow, cron, catchup, paused, last_tick, next_tick"
+
+
+def _schedule_from_row(row: sqlite3.Row) -> ScheduleRecord:
+    return ScheduleRecord(
+        name=row[0],
+        workflow=row[1],
+        cron=row[2],
+        catchup=row[3],
+        paused=bool(row[4]),
+        last_tick=base.ms_to_dt(row[5]),
+        next_tick=base.ms_to_dt(row[6]),  # type: ignore[arg-type]
+    )
+
+
 def _run_from_row(row: sqlite3.Row) -> RunRecord:
     return RunRecord(
         id=row["id"],
@@ -120,6 +196,8 @@ def _run_from_row(row: sqlite3.Row) -> RunRecord:
         started_at=base.ms_to_dt(row["started_at"]),
         updated_at=base.ms_to_dt(row["updated_at"]),  # type: ignore[arg-type]
         finished_at=base.ms_to_dt(row["finished_at"]),
+        concurrency_key=row["concurrency_key"],
+        deadline_at=base.ms_to_dt(row["deadline_at"]),
     )
 
 
@@ -269,11 +347,24 @@ class _Tx(base.Tx):
                         ". Use a new key for new work."
                     )
                 return row[0], False
+        if run.dedupe_key is not None:
+            row = self.c.execute(
+                "SELECT id, workflow FROM runs WHERE dedupe_key = ? AND status = 'queued'",
+                (run.dedupe_key,),
+            ).fetchone()
+            if row is not None and row[1] == run.workflow:
+                if run.debounce_ms is not None:  # the latest start wins and waits again
+                    self.c.execute(
+                        "UPDATE runs SET input = ?, due_at = ?, updated_at = ? WHERE id = ?",
+                        (run.input, self.now + run.debounce_ms, self.now, row[0]),
+                    )
+                return row[0], False
         now = run.created_at or self.now
         self.c.execute(
             "INSERT INTO runs (id, workflow, queue, priority, status, input, idempotency_key,"
-            " input_hash, parent_id, parent_seq, due_at, created_at, updated_at)"
-            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?)",
+            " input_hash, parent_id, parent_seq, due_at, created_at, updated_at,"
+            " concurrency_key, dedupe_key, deadline_at)"
+            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?)",
             (
                 run.id,
                 run.workflow,
@@ -287,6 +378,9 @@ class _Tx(base.Tx):
                 run.due_at or now,
                 now,
                 now,
+                run.concurrency_key,
+                run.dedupe_key,
+                run.deadline_at,
             ),
         )
         return run.id, True
@@ -329,49 +423,58 @@ class _Tx(base.Tx):
         rows: Sequence[StepRow],
         versions: dict[str, int],
         wait: StepRow,
-        signal: str | None,
+        signals: Sequence[str],
         deadline: int | None,
         children: Sequence[NewRun] = (),
+        losers: dict[str, str] | None = None,
     ) -> AwaitOutcome:
         self._fence(run_id, owner)
         self._write_rows(run_id, rows, versions)
         for child in children:
             await self.create_run(child)
-        if signal is not None:
+        if signals:
             found = self.c.execute(
-                "SELECT id, payload FROM signals WHERE run_id = ? AND name = ?"
-                " AND consumed_seq IS NULL ORDER BY id LIMIT 1",
-                (run_id, signal),
+                "SELECT id, name, payload FROM signals WHERE run_id = ? AND consumed_seq IS NULL"
+                " AND name IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT 1",
+                (run_id, json.dumps(list(signals))),
             ).fetchone()
             if found is not None:
                 self.c.execute(
                     "UPDATE signals SET consumed_seq = ? WHERE id = ?", (wait.seq, found[0])
                 )
-                self._write_rows(
-                    run_id,
-                    [
-                        StepRow(
-                            wait.seq,
-                            wait.name,
-                            wait.kind,
-                            "ok",
-                            found[1],
-                            None,
-                            wait.attempts,
-                            wait.started_at,
-                            self.now,
-                        )
-                    ],
-                    {},
+                payload = found[2]
+                if wait.kind == "any":
+                    payload = (
+                        '{"name":'
+                        + json.dumps(found[1])
+                        + ',"payload":'
+                        + (found[2] or "null")
+                        + "}"
+                    )
+                done = StepRow(
+                    wait.seq,
+                    wait.name,
+                    wait.kind,
+                    "ok",
+                    payload,
+                    None,
+                    wait.attempts,
+                    wait.started_at,
+                    self.now,
                 )
-                return Resolved(None if found[1] is None else json.loads(found[1]))
+                self._write_rows(run_id, [done], {})
+                for name, child_id in (losers or {}).items():
+                    if name != found[1]:
+                        self._cancel_tree(child_id, _LOST_RACE)
+                return Resolved(None if found[2] is None else json.loads(found[2]), found[1])
         if deadline is not None and deadline <= self.now:
             return Expired()
         self._write_rows(run_id, [wait], {})
         self.c.execute(
-            "UPDATE runs SET status = 'waiting', lease_owner = NULL, due_at = ?,"
-            " waiting_for = ?, updated_at = ? WHERE id = ?",
-            (deadline, signal, self.now, run_id),
+            "UPDATE runs SET status = 'waiting', lease_owner = NULL, due_at = CASE"
+            " WHEN deadline_at IS NOT NULL AND (? IS NULL OR deadline_at < ?) THEN deadline_at"
+            " ELSE ? END, waiting_for = ?, updated_at = ? WHERE id = ?",
+            (deadline, deadline, deadline, SEP.join(signals) or None, self.now, run_id),
         )
         return Parked()
 
@@ -428,13 +531,13 @@ class _Tx(base.Tx):
             )
         self._deliver(run_id, name, payload)
 
-    async def cancel(self, run_id: str, reason: str) -> RunStatus:
+    async def cancel(self, run_id: str, reason: str, kind: str = "Cancelled") -> RunStatus:
         row = self.c.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise errors.RunNotFound(run_id)
         if row[0] in ("succeeded", "failed"):
             raise errors.InvalidState(f"Run {run_id} already {row[0]}; it cannot be cancelled.")
-        error = json.dumps({"type": "Cancelled", "message": reason})
+        error = json.dumps({"type": kind, "message": reason})
         return self._cancel_tree(run_id, error)
 
     async def retry(self, run_id: str) -> None:
@@ -471,6 +574,98 @@ class _Tx(base.Tx):
             " WHERE id = ?",
             (self.now, self.now, run_id),
         )
+
+    async def fork(self, run_id: str, from_seq: int, new_id: str) -> int:
+        row = self.c.execute(
+            "SELECT workflow, queue, priority, input, concurrency_key FROM runs WHERE id = ?",
+            (run_id,),
+        ).fetchone()
+        if row is None:
+            raise errors.RunNotFound(run_id)
+        if from_seq < 1:
+            raise errors.FlowdeskError(f"Fork from seq {from_seq}: steps are numbered from 1.")
+        pending = self.c.execute(
+            "SELECT MIN(seq) FROM steps WHERE run_id = ? AND status = 'pending'", (run_id,)
+        ).fetchone()[0]
+        if pending is not None and pending < from_seq:
+            from_seq = pending  # a wait not yet over cannot be copied: fork before it
+        self.c.execute(
+            "INSERT INTO runs (id, workflow, queue, priority, status, input, concurrency_key,"
+            " forked_from, forked_seq, due_at, created_at, updated_at)"
+            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?)",
+            (
+                new_id,
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                row[4],
+                run_id,
+                from_seq,
+                self.now,
+                self.now,
+                self.now,
+            ),
+        )
+        self.c.execute(
+            "INSERT INTO steps (run_id, seq, name, kind, status, output, error, attempts,"
+            " started_at, finished_at) SELECT ?, seq, name, kind, status, output, error,"
+            " attempts, started_at, finished_at FROM steps WHERE run_id = ? AND seq < ?",
+            (new_id, run_id, from_seq),
+        )
+        self.c.execute(
+            "INSERT INTO versions (run_id, change_id, version)"
+            " SELECT ?, change_id, version FROM versions WHERE run_id = ?",
+            (new_id, run_id),
+        )
+        return from_seq
+
+    async def sync_schedule(
+        self, name: str, workflow: str, cron: str, catchup: str, next_tick: int
+    ) -> ScheduleRecord:
+        self.c.execute(
+            "INSERT INTO schedules (name, workflow, cron, catchup, next_tick, updated_at)"
+            " VALUES (?,?,?,?,?,?) ON CONFLICT (name) DO UPDATE SET"
+            " workflow = excluded.workflow, catchup = excluded.catchup,"
+            " next_tick = CASE WHEN schedules.cron = excluded.cron THEN schedules.next_tick"
+            "  ELSE excluded.next_tick END, cron = excluded.cron,"
+            " updated_at = excluded.updated_at",
+            (name, workflow, cron, catchup, next_tick, self.now),
+        )
+        record = await self.get_schedule(name)
+        assert record is not None
+        return record
+
+    async def get_schedule(self, name: str) -> ScheduleRecord | None:
+        row = self.c.execute(
+            f"SELECT {_SCHEDULE_COLUMNS} FROM schedules WHERE name = ?", (name,)
+        ).fetchone()
+        return None if row is None else _schedule_from_row(row)
+
+    async def advance_schedule(self, name: str, last_tick: int | None, next_tick: int) -> None:
+        self.c.execute(
+            "UPDATE schedules SET last_tick = COALESCE(?, last_tick), next_tick = ?,"
+            " updated_at = ? WHERE name = ?",
+            (last_tick, next_tick, self.now, name),
+        )
+
+    async def pause_schedule(self, name: str, paused: bool) -> None:
+        updated = self.c.execute(
+            "UPDATE schedules SET paused = ?, updated_at = ? WHERE name = ?",
+            (int(paused), self.now, name),
+        ).rowcount
+        if not updated:
+            raise errors.NotFound(
+                f"No schedule {name!r}. List them with `flowdesk schedules list`."
+            )
+
+    async def overdue(self, limit: int) -> list[str]:
+        rows = self.c.execute(
+            "SELECT id FROM runs WHERE deadline_at <= ? AND deadline_at IS NOT NULL"
+            " AND status IN ('queued', 'waiting') LIMIT ?",
+            (self.now, limit),
+        ).fetchall()
+        return [r[0] for r in rows]
 
 
 class SQLiteStore(base.Store):
@@ -630,25 +825,38 @@ class SQLiteStore(base.Store):
         workflows: Sequence[str],
         limit: int,
         lease_ms: int,
+        limits: dict[str, QueueLimits] | None = None,
     ) -> list[Claimed]:
         if limit <= 0:
             return []
         now = now_ms()
-        qs, ws = json.dumps(list(queues)), json.dumps(list(workflows))
+        limits = limits or {}
+        limited = [limits[q] for q in queues if q in limits and limits[q].limited]
+        free = json.dumps([q for q in queues if not (q in limits and limits[q].limited)])
+        ws = json.dumps(list(workflows))
+        lease = now + lease_ms
 
         def body(conn: sqlite3.Connection) -> list[Claimed]:
-            rows = conn.execute(
-                "UPDATE runs SET status = 'running', lease_owner = ?, due_at = ?,"
-                " attempts = attempts + 1, started_at = COALESCE(started_at, ?),"
-                " updated_at = ?, waiting_for = NULL"
-                " WHERE id IN (SELECT id FROM runs WHERE due_at <= ?"
-                "  AND queue IN (SELECT value FROM json_each(?))"
-                "  AND workflow IN (SELECT value FROM json_each(?))"
-                "  ORDER BY priority DESC, due_at LIMIT ?)"
-                " RETURNING id, workflow, input, attempts, cancel_requested",
-                (owner, now + lease_ms, now, now, now, qs, ws, limit),
-            ).fetchall()
-            claimed = {r[0]: Claimed(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows}
+            rows: list[sqlite3.Row] = []
+            picked: list[str] = []
+            for queue in limited:
+                if len(picked) >= limit:
+                    break
+                picked += _pick_limited(conn, queue, ws, now, limit - len(picked))
+            if picked:
+                rows += conn.execute(
+                    _CLAIM_SET + " WHERE id IN (SELECT value FROM json_each(?))" + _CLAIM_RETURNING,
+                    (owner, lease, now, now, json.dumps(picked)),
+                ).fetchall()
+            if len(rows) < limit and free != "[]":
+                rows += conn.execute(
+                    _CLAIM_SET + " WHERE id IN (SELECT id FROM runs WHERE due_at <= ?"
+                    "  AND queue IN (SELECT value FROM json_each(?))"
+                    "  AND workflow IN (SELECT value FROM json_each(?))"
+                    "  ORDER BY priority DESC, due_at LIMIT ?)" + _CLAIM_RETURNING,
+                    (owner, lease, now, now, now, free, ws, limit - len(rows)),
+                ).fetchall()
+            claimed = {r[0]: Claimed(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows}
             if claimed:
                 ids = json.dumps(list(claimed))
                 for r in conn.execute(
@@ -706,6 +914,16 @@ class SQLiteStore(base.Store):
 
         result: tuple[set[str], set[str]] = await self._write(body)
         return result
+
+    async def schedules(self) -> list[ScheduleRecord]:
+        rows = await self._read(f"SELECT {_SCHEDULE_COLUMNS} FROM schedules ORDER BY name")
+        return [_schedule_from_row(r) for r in rows]
+
+    async def due_schedules(self) -> list[str]:
+        rows = await self._read(
+            "SELECT name FROM schedules WHERE paused = 0 AND next_tick <= ?", (now_ms(),)
+        )
+        return [r[0] for r in rows]
 
     async def forget_worker(self, owner: str) -> None:
         await self._write(lambda c: c.execute("DELETE FROM workers WHERE id = ?", (owner,)))
