@@ -17,6 +17,7 @@ refuses it (`Fenced`) unless that owner still holds the run.
 from __future__ import annotations
 
 import enum
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,11 @@ _FINISHED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLE
 
 StepKind = Literal["step", "sleep", "signal", "child", "now", "any"]
 StepStatus = Literal["ok", "error", "pending"]
+
+
+def now_ms() -> int:
+    """Now, in epoch milliseconds: the unit of every stored timestamp."""
+    return int(time.time() * 1000)
 
 
 def ms_to_dt(ms: int | None) -> datetime | None:
