@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import random as _random
 import time
 import traceback
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from flowdesk.engine.app import App as Runtime
 
 R = TypeVar("R")
+log = logging.getLogger("flowdesk.engine")
 
 CHILD_SIGNAL = "flowdesk.child:"
 
@@ -113,6 +115,15 @@ def _now_ms() -> int:
 
 def _seconds(value: timedelta | float | int) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def _unrecorded(exc: Exception) -> BaseException:
+    """A write the store could not make is no failure of the workflow: the run is dropped
+    here, and its lease runs out, so a worker replays it once the store answers again."""
+    if isinstance(exc, errors.FlowdeskError) and not isinstance(exc, errors.StoreError):
+        return exc  # the workflow's own mistake (an unknown child workflow, ...)
+    log.warning("could not record a step (%r); the run will be recovered", exc)
+    return errors.LeaseLost()
 
 
 def error_info(exc: BaseException, attempts: int | None = None) -> dict[str, Any]:
@@ -580,6 +591,8 @@ class Context:
             await self._rt.writer.submit(op)
         except Fenced as exc:
             raise self._fenced(exc) from None
+        except Exception as exc:
+            raise _unrecorded(exc) from exc
 
     async def _await(
         self,
@@ -600,6 +613,8 @@ class Context:
             )
         except Fenced as exc:
             raise self._fenced(exc) from None
+        except Exception as exc:
+            raise _unrecorded(exc) from exc
         if kids:
             self._rt.wake()
         if isinstance(outcome, Parked):

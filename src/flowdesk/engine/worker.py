@@ -99,16 +99,26 @@ class Worker:
         if not workflows:
             raise errors.ConfigurationError("The app has no workflows: nothing to work on.")
         app._attach(self)
+        wake = app._wake_event()
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="flowdesk-heartbeat")
         upkeep = asyncio.create_task(self._upkeep_loop(), name="flowdesk-upkeep")
-        wake = app._wake_event()
+        sides = [heartbeat, upkeep]
+        listen = getattr(app.store, "listen", None)
+        if listen is not None:  # wake at once when another process makes work due
+            wanted = set(queues)
+            sides.append(
+                asyncio.create_task(
+                    listen(lambda q: wake.set() if not q or q in wanted else None),
+                    name="flowdesk-listen",
+                )
+            )
         try:
             await self._heartbeat_once()
             await schedules.sync(app)
             await self._claim_loop(queues, workflows, wake)
         finally:
             await self._drain()
-            for side in (heartbeat, upkeep):
+            for side in sides:
                 side.cancel()
                 try:
                     await side
@@ -131,14 +141,17 @@ class Worker:
         while not stopping.is_set():
             free = self.concurrency - len(self._tasks)
             got = 0
-            if free > 0 and (woken or await app.store.has_due(queues, workflows)):
-                wake.clear()
-                claimed = await app.store.claim(
-                    self.id, queues, workflows, free, app.lease_ms, app.queues
-                )
-                got = len(claimed)
-                for c in claimed:
-                    self._launch(c)
+            try:
+                if free > 0 and (woken or await app.store.has_due(queues, workflows)):
+                    wake.clear()
+                    claimed = await app.store.claim(
+                        self.id, queues, workflows, free, app.lease_ms, app.queues
+                    )
+                    got = len(claimed)
+                    for c in claimed:
+                        self._launch(c)
+            except Exception:  # the store is unreachable: keep polling until it is back
+                log.exception("claiming failed; retrying in %.2f s", poll)
             if got and got == free:
                 await asyncio.sleep(0)  # more may be due: claim again after a turn
                 woken = True
@@ -269,14 +282,24 @@ class Worker:
         error: str | None = None
         failed_seq: int | None = None
         timer: asyncio.TimerHandle | None = None
+        overdue = False
         if claimed.deadline_at is not None:
             left = claimed.deadline_at / 1000 - time.time()
-            timer = asyncio.get_running_loop().call_later(
-                max(left, 0), self.interrupt, run_id, "timeout"
-            )
+            if left <= 0:
+                overdue = True
+            else:
+                timer = asyncio.get_running_loop().call_later(
+                    left, self.interrupt, run_id, "timeout"
+                )
         try:
             if claimed.cancel_requested:
                 raise context_mod.Cancelled()
+            if overdue:
+                # Claimed past its deadline (a waiting run falls due at it): end it here.
+                # Replaying it first could park it again before a timer cancelled it, and
+                # it would be claimed over and over until the sweep of overdue runs.
+                self._stop_reasons.setdefault(run_id, "timeout")
+                raise asyncio.CancelledError
             kwargs = wdef.kwargs(claimed.input)
             result = await wdef.fn(ctx, **kwargs)
             if ctx.nondeterminism is not None:  # the workflow caught it; the run still fails

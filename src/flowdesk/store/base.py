@@ -428,10 +428,10 @@ def open_store(url: str) -> Store:
 
         return sqlite.SQLiteStore(url)
     if url.startswith(("postgres://", "postgresql://", "postgresql+psycopg://")):
-        raise errors.ConfigurationError(
-            "The PostgreSQL store is not available in this version of flowdesk; "
-            "use a sqlite:/// URL."
-        )
+        from flowdesk.store import postgres
+
+        return postgres.PostgresStore(url)
     raise errors.ConfigurationError(
-        f"Unsupported database URL {url!r}: use sqlite:///path/to/file.db."
+        f"Unsupported database URL {url!r}: use sqlite:///path/to/file.db or "
+        "postgresql://user@host/dbname."
     )

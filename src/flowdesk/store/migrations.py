@@ -11,6 +11,7 @@ import re
 import sqlite3
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from flowdesk import errors
 
@@ -100,3 +101,46 @@ def _statements(sql: str) -> list[str]:
     """Split a migration file into statements (no statement here contains a ';' literal)."""
     body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
     return [s.strip() for s in body.split(";") if s.strip()]
+
+
+async def migrate_postgres(conn: Any, label: str) -> int:
+    """Create or upgrade the schema under an advisory lock, so concurrent processes migrate
+    once. A database that already holds tables named like flowdesk's but no
+    ``flowdesk_meta`` belongs to something else and is refused."""
+    steps = load("postgres")
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('flowdesk.migrate'))")
+        cur = await conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+        )
+        tables = {r[0] for r in await cur.fetchall()}
+        ours = {"runs", "steps", "signals", "versions", "workers", "schedules"}
+        if "flowdesk_meta" in tables:
+            cur = await conn.execute("SELECT value FROM flowdesk_meta WHERE key = 'schema_version'")
+            row = await cur.fetchone()
+            current = int(row[0]) if row else 0
+        elif tables & ours:
+            raise errors.StoreError(
+                f"{label}: the database has tables {', '.join(sorted(tables & ours))} that "
+                "flowdesk did not create. Refusing to write to it: use a database (or schema) "
+                "of its own."
+            )
+        else:
+            await conn.execute(
+                "CREATE TABLE flowdesk_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
+            current = 0
+        if current > len(steps):
+            raise errors.SchemaTooNew(
+                f"{label} has schema version {current}, but this flowdesk knows only up to "
+                f"{len(steps)}. Upgrade flowdesk to use this database."
+            )
+        for migration in steps[current:]:
+            for statement in _statements(migration.sql):
+                await conn.execute(statement)
+        await conn.execute(
+            "INSERT INTO flowdesk_meta (key, value) VALUES ('schema_version', %s)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(len(steps)),),
+        )
+    return len(steps)
