@@ -27,23 +27,24 @@ class Writer:
         self._now: Callable[[list[Op]], list[Any] | None] | None = getattr(
             store, "transact_now", None
         )
+        self._parallel: int = getattr(store, "parallel_writes", 1)
         self._pending: Batch = []
         self._scheduled = False
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, op: Op) -> Any:
         """Apply ``op`` in the next group commit; returns its result or raises its error."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((op, fut))
-        if not self._scheduled and self._task is None:
+        if not self._scheduled and len(self._tasks) < self._parallel:
             self._scheduled = True
             loop.call_soon(self._kick)
         return await fut
 
     def _kick(self) -> None:
         self._scheduled = False
-        if self._task is not None or not self._pending:
+        if len(self._tasks) >= self._parallel or not self._pending:
             return
         if self._now is not None:
             batch, self._pending = self._pending, []
@@ -56,7 +57,9 @@ class Writer:
                 _deliver(batch, results)
                 return
             self._pending = batch + self._pending
-        self._task = asyncio.get_running_loop().create_task(self._flush())
+        task = asyncio.get_running_loop().create_task(self._flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _flush(self) -> None:
         try:
@@ -72,7 +75,8 @@ class Writer:
                     raise
                 _deliver(batch, results)
         finally:
-            self._task = None
+            if self._pending and len(self._tasks) <= self._parallel:
+                asyncio.get_running_loop().call_soon(self._kick)
 
 
 def _fail(batch: Batch, exc: BaseException) -> None:

@@ -101,6 +101,7 @@ class _Tx(sql.SqlTx):
 
 class PostgresStore(sql.SqlStore):
     dialect = PostgresDialect
+    parallel_writes = 4  # group commits in flight at once, each on its own connection
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -189,22 +190,40 @@ class PostgresStore(sql.SqlStore):
     ) -> list[Any]:
         import psycopg
 
-        results: list[Any] = []
-        async with self.pool.connection() as conn, conn.transaction():
-            tx = _Tx(conn, base.now_ms())
-            for op in work:
-                try:
-                    async with conn.transaction():  # a savepoint per operation
-                        results.append(await op(tx))
-                except psycopg.OperationalError:
+        async with self.pool.connection() as conn:
+            # Optimistically, without a savepoint per operation (each costs round trips):
+            # operations are refused rarely, and a refusal rolls the batch back to redo it
+            # below with savepoints.
+            try:
+                async with conn.transaction():
+                    tx = _Tx(conn, base.now_ms())
+                    return [await op(tx) for op in work]
+            except psycopg.OperationalError:
+                raise
+            except psycopg.Error as exc:
+                if exc.sqlstate in _RETRYABLE:
                     raise
-                except psycopg.Error as exc:
-                    if exc.sqlstate in _RETRYABLE:
+                if len(work) == 1:
+                    return [exc]
+            except Exception as exc:
+                if len(work) == 1:
+                    return [exc]
+            results: list[Any] = []
+            async with conn.transaction():
+                tx = _Tx(conn, base.now_ms())
+                for op in work:
+                    try:
+                        async with conn.transaction():  # a savepoint per operation
+                            results.append(await op(tx))
+                    except psycopg.OperationalError:
                         raise
-                    results.append(exc)
-                except Exception as exc:  # one refused operation; keep the others
-                    results.append(exc)
-        return results
+                    except psycopg.Error as exc:
+                        if exc.sqlstate in _RETRYABLE:
+                            raise
+                        results.append(exc)
+                    except Exception as exc:  # one refused operation; keep the others
+                        results.append(exc)
+            return results
 
     # -- notifications ---------------------------------------------------------------
     async def listen(self, on_notify: Callable[[str], None]) -> None:
