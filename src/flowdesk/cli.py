@@ -25,6 +25,7 @@ import typer
 
 from flowdesk import errors
 from flowdesk.engine.app import App
+from flowdesk.store import migrations
 from flowdesk.store import sqlite as sqlite_store
 from flowdesk.store.base import RunRecord, StepRecord
 
@@ -39,6 +40,8 @@ cli = typer.Typer(
 )
 runs_cli = typer.Typer(help="List and inspect runs.", no_args_is_help=True)
 cli.add_typer(runs_cli, name="runs")
+db_cli = typer.Typer(help="Create or upgrade the database schema.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
 schedules_cli = typer.Typer(help="List, pause and resume cron schedules.", no_args_is_help=True)
 cli.add_typer(schedules_cli, name="schedules")
 
@@ -485,6 +488,22 @@ def schedules_resume(
     the_app = _app(app, database_url, existing=True)
     _run(the_app, lambda: the_app.resume_schedule(name))
     typer.echo(f"schedule {name} resumed")
+
+
+@db_cli.command("upgrade")
+def db_upgrade(app: AppOpt = None, database_url: DbOpt = None) -> None:
+    """Create the schema, or apply the migrations it lacks (safe to run from many hosts at
+    once: they take turns). Starting any flowdesk process does the same."""
+    the_app = _app(app, database_url)
+
+    async def body() -> str:
+        await the_app.open()
+        return the_app.store.url
+
+    url = _run(the_app, body)
+    dialect = "postgres" if not url.startswith("sqlite") and not url.endswith(".db") else "sqlite"
+    version = migrations.latest(dialect)
+    typer.echo(f"schema at version {version} ({dialect})")
 
 
 def main() -> None:

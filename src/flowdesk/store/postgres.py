@@ -121,6 +121,22 @@ class PostgresStore(sql.SqlStore):
             raise errors.ConfigurationError(
                 "PostgreSQL needs psycopg: pip install 'flowdesk[postgres]'"
             ) from exc
+        # One plain connection first: it fails fast with the server's own words, and
+        # creates or upgrades the schema before any pool connection is used.
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.conninfo, autocommit=True, connect_timeout=10
+            )
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise errors.StoreError(
+                f"Cannot connect to PostgreSQL at {self.label}: {reason}"
+            ) from exc
+        try:
+            async with conn:
+                await migrations.migrate_postgres(conn, self.label)
+        except psycopg.Error as exc:
+            raise errors.StoreError(f"PostgreSQL at {self.label}: {exc}") from exc
         pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
             self.conninfo,
             min_size=1,
@@ -135,18 +151,8 @@ class PostgresStore(sql.SqlStore):
         except psycopg_pool.PoolTimeout as exc:
             await pool.close()
             raise errors.StoreError(
-                f"Cannot connect to PostgreSQL at {self.label}: no connection within 10 s. "
-                "Is the server running and the URL right?"
+                f"Cannot connect to PostgreSQL at {self.label}: no pool connection in 10 s."
             ) from exc
-        try:
-            async with pool.connection() as conn:
-                await migrations.migrate_postgres(conn, self.label)
-        except psycopg.Error as exc:
-            await pool.close()
-            raise errors.StoreError(f"PostgreSQL at {self.label}: {exc}") from exc
-        except BaseException:
-            await pool.close()
-            raise
         self._pool = pool
 
     async def close(self) -> None:
