@@ -16,7 +16,7 @@ from flowdesk import codec, errors
 from flowdesk.engine import registry, schedules
 from flowdesk.engine.writer import Writer
 from flowdesk.store import base
-from flowdesk.store import sqlite as sqlite_store
+from flowdesk.store import sql as sql_store
 from flowdesk.store.base import (
     NewRun,
     Page,
@@ -360,7 +360,7 @@ class App:
             queue=queue or wdef.queue,
             priority=priority,
             idempotency_key=idempotency_key,
-            input_hash=sqlite_store.input_hash(encoded) if idempotency_key else None,
+            input_hash=sql_store.input_hash(encoded) if idempotency_key else None,
             due_at=now + int(wait_s * 1000),
             created_at=now,
             concurrency_key=concurrency_key or wdef.concurrency_key(encoded),

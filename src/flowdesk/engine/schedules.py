@@ -87,18 +87,12 @@ def due_ticks(cron: str, catchup: str, next_tick: int, now: int) -> tuple[list[i
 async def sync(app: App) -> None:
     """Store the app's schedules (a changed cron restarts from its next tick)."""
     for schedule in app.schedule_defs.values():
-        first = next_after(schedule.cron, base_now())
+        first = next_after(schedule.cron, base.now_ms())
 
         async def op(tx: base.Tx, s: Schedule = schedule, first: int = first) -> None:
             await tx.sync_schedule(s.name, s.workflow, s.cron, s.catchup, first)
 
         await app.writer.submit(op)
-
-
-def base_now() -> int:
-    import time
-
-    return int(time.time() * 1000)
 
 
 async def fire_due(app: App) -> list[str]:

@@ -6,7 +6,9 @@ before it runs (by other runs, other steps, `App.start` calls) join the same tra
 A store that can commit without suspending (SQLite, when its write lock is free) commits
 right in that callback; otherwise a flush task runs `Store.transact`, and while it is in
 flight (a PostgreSQL round trip, a lock held by another process) new writes gather for the
-next one. A lone sequential workflow pays one commit per step; concurrent ones share.
+next one. A store with ``parallel_writes > 1`` (PostgreSQL) keeps that many flushes in
+flight, each on its own connection. A lone sequential workflow pays one commit per step;
+concurrent ones share.
 """
 
 from __future__ import annotations

@@ -292,7 +292,9 @@ class SqlTx(base.Tx):
                 return existing, False
         if run.dedupe_key is not None:
             row = await self._one(
-                "SELECT id, workflow FROM runs WHERE dedupe_key = ? AND status = 'queued'{update}",
+                # Not yet started: a run queued again after a wait has begun its work.
+                "SELECT id, workflow FROM runs WHERE dedupe_key = ? AND status = 'queued'"
+                " AND started_at IS NULL{update}",
                 (run.dedupe_key,),
             )
             if row is not None and row[1] == run.workflow:

@@ -28,9 +28,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from flowdesk import errors
 from flowdesk.store import base, migrations, sql
-from flowdesk.store.sql import input_hash
 
-__all__ = ["SQLiteStore", "input_hash", "parse_url"]
+__all__ = ["SQLiteStore", "parse_url"]
 
 
 def _is_busy(exc: BaseException) -> bool:
