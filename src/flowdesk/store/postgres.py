@@ -166,24 +166,43 @@ class PostgresStore(sql.SqlStore):
             raise errors.StoreError("The store is not open: call `await app.open()` first.")
         return self._pool
 
+    def _unavailable(self, exc: BaseException) -> errors.StoreError:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return errors.StoreError(f"PostgreSQL at {self.label} is unavailable: {reason}")
+
     async def _read(self, text: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(self.dialect.prepare(text), params)
-            rows: list[Sequence[Any]] = await cur.fetchall()
-            return rows
+        import psycopg
+        import psycopg_pool
+
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(self.dialect.prepare(text), params)
+                rows: list[Sequence[Any]] = await cur.fetchall()
+                return rows
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            raise self._unavailable(exc) from exc
 
     @asynccontextmanager
     async def _txn(self) -> AsyncIterator[sql.SqlTx]:
-        async with self.pool.connection() as conn, conn.transaction():
-            yield _Tx(conn, base.now_ms())
+        import psycopg
+        import psycopg_pool
+
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                yield _Tx(conn, base.now_ms())
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            raise self._unavailable(exc) from exc
 
     # -- writes ----------------------------------------------------------------------
     async def transact(self, work: Sequence[Callable[[base.Tx], Awaitable[Any]]]) -> list[Any]:
         import psycopg
+        import psycopg_pool
 
         for attempt in range(5):
             try:
                 return await self._transact_once(work)
+            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+                raise self._unavailable(exc) from exc
             except psycopg.Error as exc:
                 # A deadlock or serialization failure rolled everything back: try again.
                 if exc.sqlstate not in _RETRYABLE or attempt == 4:
