@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -220,10 +221,15 @@ def worker(
         await w.run()
 
     _run(the_app, body)
+    # Idle step threads end as soon as the pool is shut down; one that is still busy
+    # after a moment runs a sync step that ignores its timeout and cannot be stopped.
+    deadline = time.monotonic() + 2.0
+    for thread in threading.enumerate():
+        if thread.name.startswith("flowdesk-step"):
+            thread.join(max(0.0, deadline - time.monotonic()))
     stuck = [t.name for t in threading.enumerate() if t.name.startswith("flowdesk-step")]
     if stuck:
-        # A sync step that ignores its timeout still runs in a thread that cannot be
-        # stopped. Its run was given back to the queue; do not wait for the thread.
+        # Its run was given back to the queue; do not wait for the thread.
         typer.echo(f"worker stopped; {len(stuck)} step thread(s) still running, exiting", err=True)
         sys.stdout.flush()
         sys.stderr.flush()

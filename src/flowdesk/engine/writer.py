@@ -77,7 +77,12 @@ class Writer:
                     raise
                 _deliver(batch, results)
         finally:
-            if self._pending and len(self._tasks) <= self._parallel:
+            # Leave the set now, not in the done callback: a caller woken by the last
+            # batch may submit before that callback runs, and must see a free slot.
+            current = asyncio.current_task()
+            if current is not None:
+                self._tasks.discard(current)
+            if self._pending and len(self._tasks) < self._parallel:
                 asyncio.get_running_loop().call_soon(self._kick)
 
 

@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from flowdesk import errors
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flowdesk.store.postgres")
 
+T = TypeVar("T")
 CHANNEL = "flowdesk_work"
 _RETRYABLE = ("40001", "40P01")  # serialization failure, deadlock detected
 
@@ -180,6 +181,8 @@ class PostgresStore(sql.SqlStore):
                 rows: list[Sequence[Any]] = await cur.fetchall()
                 return rows
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            if exc.sqlstate in _RETRYABLE:  # a deadlock, not a lost server
+                raise
             raise self._unavailable(exc) from exc
 
     @asynccontextmanager
@@ -191,7 +194,21 @@ class PostgresStore(sql.SqlStore):
             async with self.pool.connection() as conn, conn.transaction():
                 yield _Tx(conn, base.now_ms())
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            if exc.sqlstate in _RETRYABLE:  # a deadlock, not a lost server
+                raise
             raise self._unavailable(exc) from exc
+
+    async def _again_on_conflict(self, body: Callable[[], Awaitable[T]]) -> T:
+        import psycopg
+
+        for attempt in range(5):
+            try:
+                return await body()
+            except psycopg.Error as exc:
+                if exc.sqlstate not in _RETRYABLE or attempt == 4:
+                    raise
+                await asyncio.sleep(0.005 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     # -- writes ----------------------------------------------------------------------
     async def transact(self, work: Sequence[Callable[[base.Tx], Awaitable[Any]]]) -> list[Any]:
@@ -201,13 +218,17 @@ class PostgresStore(sql.SqlStore):
         for attempt in range(5):
             try:
                 return await self._transact_once(work)
-            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-                raise self._unavailable(exc) from exc
             except psycopg.Error as exc:
                 # A deadlock or serialization failure rolled everything back: try again.
-                if exc.sqlstate not in _RETRYABLE or attempt == 4:
-                    raise
-                await asyncio.sleep(0.005 * (attempt + 1))
+                # psycopg counts both as OperationalError, but the server is fine.
+                if exc.sqlstate in _RETRYABLE:
+                    if attempt == 4:
+                        raise
+                    await asyncio.sleep(0.005 * (attempt + 1))
+                    continue
+                if isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
+                    raise self._unavailable(exc) from exc
+                raise
         raise AssertionError("unreachable")
 
     async def _transact_once(

@@ -14,9 +14,9 @@ import base64
 import hashlib
 import json
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from flowdesk import errors
 from flowdesk.store import base
@@ -37,6 +37,8 @@ from flowdesk.store.base import (
     StepRecord,
     StepRow,
 )
+
+T = TypeVar("T")
 
 SEP = "\x1f"
 CHILD_SIGNAL = "flowdesk.child:"
@@ -777,18 +779,33 @@ class SqlStore(base.Store):
     ) -> list[Claimed]:
         if limit <= 0:
             return []
-        async with self._txn() as tx:
-            return await tx.claim(owner, queues, workflows, limit, lease_ms, limits or {})
+
+        async def body() -> list[Claimed]:
+            async with self._txn() as tx:
+                return await tx.claim(owner, queues, workflows, limit, lease_ms, limits or {})
+
+        return await self._again_on_conflict(body)
 
     async def heartbeat(
         self, owner: str, run_ids: Sequence[str], lease_ms: int, info: dict[str, Any]
     ) -> tuple[set[str], set[str]]:
-        async with self._txn() as tx:
-            return await tx.heartbeat(owner, run_ids, lease_ms, info)
+        async def body() -> tuple[set[str], set[str]]:
+            async with self._txn() as tx:
+                return await tx.heartbeat(owner, run_ids, lease_ms, info)
+
+        return await self._again_on_conflict(body)
 
     async def forget_worker(self, owner: str) -> None:
-        async with self._txn() as tx:
-            await tx._run("DELETE FROM workers WHERE id = ?", (owner,))
+        async def body() -> None:
+            async with self._txn() as tx:
+                await tx._run("DELETE FROM workers WHERE id = ?", (owner,))
+
+        await self._again_on_conflict(body)
+
+    async def _again_on_conflict(self, body: Callable[[], Awaitable[T]]) -> T:
+        """Run a transaction again when the database rolled it back for a conflict with
+        another one (a deadlock); SQLite's serialized writers never see one."""
+        return await body()
 
     async def has_due(self, queues: Sequence[str], workflows: Sequence[str]) -> bool:
         rows = await self._read(
