@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import psycopg
 import pydantic
 import pytest
+from psycopg import sql as pgsql
 
 import flowdesk
 from flowdesk.errors import SchemaTooNew, StoreError
@@ -207,8 +211,10 @@ async def test_a_workflow_result_that_is_not_json_fails_the_run_clearly(app):
 # -- database files that are not flowdesk's --------------------------------------------
 
 
-async def _open_refused(path: Path, error: type[Exception]) -> str:
-    app = flowdesk.App(f"sqlite:///{path}", poll_interval=0.05)
+async def _open_refused(where: Path | str, error: type[Exception]) -> str:
+    """Open the database (a SQLite file, or a URL) and expect ``error``; its message."""
+    url = where if isinstance(where, str) else f"sqlite:///{where}"
+    app = flowdesk.App(url, poll_interval=0.05)
 
     @app.workflow("w")
     async def w(ctx: flowdesk.Context) -> None:
@@ -222,6 +228,7 @@ async def _open_refused(path: Path, error: type[Exception]) -> str:
     return str(info.value)
 
 
+@pytest.mark.sqlite_only
 async def test_a_junk_file_is_refused_and_left_untouched(tmp_path):
     path = tmp_path / "notes.db"
     path.write_text("these are my notes, not a database\n" * 200)
@@ -235,6 +242,7 @@ async def test_a_junk_file_is_refused_and_left_untouched(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["notes.db"]
 
 
+@pytest.mark.sqlite_only
 async def test_another_apps_sqlite_database_is_refused_and_left_untouched(tmp_path):
     path = tmp_path / "billing.db"
     conn = sqlite3.connect(path)
@@ -260,7 +268,8 @@ async def test_another_apps_sqlite_database_is_refused_and_left_untouched(tmp_pa
     assert tables == {"invoices"}
 
 
-async def test_a_schema_newer_than_the_code_is_refused(tmp_path):
+@pytest.mark.sqlite_only
+async def test_a_schema_newer_than_the_code_is_refused_on_sqlite(tmp_path):
     path = tmp_path / "future.db"
     app = flowdesk.App(f"sqlite:///{path}")
     await app.open()
@@ -282,6 +291,77 @@ async def test_a_schema_newer_than_the_code_is_refused(tmp_path):
     assert issubclass(SchemaTooNew, StoreError)
 
 
+def _postgres_snapshot(url: str) -> dict[str, Any]:
+    """Everything a refused open could have changed: every table and column of the
+    database's schemas, and the rows of its tables."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        columns = conn.execute(
+            "SELECT table_schema, table_name, column_name, data_type"
+            " FROM information_schema.columns"
+            " WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
+            " ORDER BY 1, 2, 3"
+        ).fetchall()
+        rows: dict[str, list[tuple[Any, ...]]] = {}
+        for schema, table in sorted({(c[0], c[1]) for c in columns}):
+            rows[f"{schema}.{table}"] = sorted(
+                conn.execute(
+                    pgsql.SQL("SELECT * FROM {}.{}").format(
+                        pgsql.Identifier(schema), pgsql.Identifier(table)
+                    )
+                ).fetchall(),
+                key=repr,
+            )
+        indexes = conn.execute(
+            "SELECT schemaname, indexname, indexdef FROM pg_indexes"
+            " WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+        ).fetchall()
+    return {"columns": columns, "rows": rows, "indexes": indexes}
+
+
+async def test_another_programs_postgres_runs_table_is_refused_and_left_untouched(
+    new_postgres_db,
+):
+    url = new_postgres_db(migrated=False)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE runs (id SERIAL PRIMARY KEY, mileage REAL NOT NULL)")
+        conn.execute("INSERT INTO runs (mileage) VALUES (5.5), (10.0)")
+    before = _postgres_snapshot(url)
+    assert before["rows"] == {"public.runs": [(1, 5.5), (2, 10.0)]}
+
+    message = await _open_refused(url, StoreError)
+
+    assert "did not create" in message and "runs" in message
+    assert urlsplit(url).path.lstrip("/") in message  # names the database
+    assert _postgres_snapshot(url) == before  # no flowdesk_meta, no schema, same rows
+
+
+async def test_a_postgres_schema_newer_than_the_code_is_refused(new_postgres_db):
+    url = new_postgres_db()  # migrated by this flowdesk
+    newest = migrations.latest("postgres")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE flowdesk_meta SET value = '999' WHERE key = 'schema_version'")
+    before = _postgres_snapshot(url)
+    assert ("schema_version", "999") in before["rows"]["public.flowdesk_meta"]
+
+    message = await _open_refused(url, SchemaTooNew)
+
+    assert "schema version 999" in message and str(newest) in message
+    assert "Upgrade flowdesk" in message
+    assert _postgres_snapshot(url) == before
+
+
+async def test_a_postgres_server_that_does_not_answer_is_a_store_error():
+    with socket.socket() as taken:  # a port of ours that nothing listens on
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        url = f"postgresql://flowdesk:secret@127.0.0.1:{port}/flows"
+        message = await _open_refused(url, StoreError)
+    assert "Cannot connect to PostgreSQL" in message
+    assert f"127.0.0.1:{port}/flows" in message
+    assert "secret" not in message  # the password is not shown
+
+
+@pytest.mark.sqlite_only
 async def test_a_missing_folder_is_a_configuration_error(tmp_path):
     app = flowdesk.App(f"sqlite:///{tmp_path}/missing/dir/t.db")
     with pytest.raises(flowdesk.errors.ConfigurationError, match="does not exist"):

@@ -1,12 +1,13 @@
-"""Schema migrations: numbered without gaps, applied once even by concurrent openers."""
+"""Schema migrations: numbered without gaps, the same steps on every store, applied once
+even by concurrent openers."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import threading
-from pathlib import Path
 
+import psycopg
 import pytest
 
 import flowdesk
@@ -23,6 +24,17 @@ def test_sqlite_migrations_are_numbered_without_gaps():
         assert m.name and m.sql.strip()
         assert migrations._statements(m.sql)
     assert found[0].name == "init"
+
+
+def test_postgres_migrations_match_the_sqlite_ones_one_for_one():
+    sqlite = migrations.load("sqlite")
+    postgres = migrations.load("postgres")  # raises on a gap in the numbers
+    assert postgres, "no migrations shipped"
+    assert [m.version for m in postgres] == list(range(1, len(postgres) + 1))
+    assert migrations.latest("postgres") == len(postgres) == migrations.latest("sqlite")
+    assert [(m.version, m.name) for m in postgres] == [(m.version, m.name) for m in sqlite]
+    for m in postgres:
+        assert m.sql.strip() and migrations._statements(m.sql)
 
 
 def test_a_gap_in_migration_numbers_is_an_error(tmp_path, monkeypatch):
@@ -44,17 +56,26 @@ def test_a_gap_in_migration_numbers_is_an_error(tmp_path, monkeypatch):
     ]
 
 
-def _schema_version(path: Path) -> int:
-    conn = sqlite3.connect(path)
-    try:
-        row = conn.execute("SELECT value FROM flowdesk_meta WHERE key = 'schema_version'")
-        return int(row.fetchone()[0])
-    finally:
-        conn.close()
+def _schema_version(url: str) -> int:
+    """The version recorded in the database, read on a connection of its own."""
+    sql = "SELECT value FROM flowdesk_meta WHERE key = 'schema_version'"
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        try:
+            return int(conn.execute(sql).fetchone()[0])
+        finally:
+            conn.close()
+    with psycopg.connect(url, autocommit=True) as pg:
+        row = pg.execute(sql).fetchone()
+        assert row is not None
+        return int(row[0])
 
 
-async def test_concurrent_openers_of_a_new_file_migrate_it_once(tmp_path, monkeypatch):
-    path = tmp_path / "shared.db"
+async def test_concurrent_openers_of_a_new_database_migrate_it_once(
+    store_kind, new_db_url, monkeypatch
+):
+    url = new_db_url(migrated=False)  # a new file; on PostgreSQL an empty database
+    dialect = store_kind  # the migrations of store/sql/<dialect>
     applied: list[int] = []
     lock = threading.Lock()
     original = migrations._statements
@@ -71,7 +92,7 @@ async def test_concurrent_openers_of_a_new_file_migrate_it_once(tmp_path, monkey
     failures: list[BaseException] = []
 
     async def open_and_close() -> None:
-        app = flowdesk.App(f"sqlite:///{path}")
+        app = flowdesk.App(url)
         barrier.wait(timeout=10)
         await app.open()
         await app.close()
@@ -89,11 +110,11 @@ async def test_concurrent_openers_of_a_new_file_migrate_it_once(tmp_path, monkey
         t.join(30)
     assert not any(t.is_alive() for t in threads)
     assert failures == []
-    assert len(applied) == migrations.latest("sqlite")  # each migration applied once
-    assert _schema_version(path) == migrations.latest("sqlite")
+    assert len(applied) == migrations.latest(dialect)  # each migration applied once
+    assert _schema_version(url) == migrations.latest(dialect)
 
     # Opening it again later applies nothing, and the database works.
-    app = flowdesk.App(f"sqlite:///{path}", poll_interval=0.05)
+    app = flowdesk.App(url, poll_interval=0.05)
 
     @app.workflow("hello")
     async def hello(ctx: flowdesk.Context, name: str) -> str:
@@ -102,17 +123,17 @@ async def test_concurrent_openers_of_a_new_file_migrate_it_once(tmp_path, monkey
     async with app, app.worker(concurrency=2):
         h = await app.start("hello", {"name": "world"})
         assert await app.result(h.id, timeout=10) == "hello world"
-    assert len(applied) == migrations.latest("sqlite")
+    assert len(applied) == migrations.latest(dialect)
 
 
-async def test_two_apps_in_one_loop_share_a_new_file(tmp_path):
-    path = tmp_path / "pair.db"
-    a = flowdesk.App(f"sqlite:///{path}")
-    b = flowdesk.App(f"sqlite:///{path}")
+async def test_two_apps_in_one_loop_share_a_new_database(store_kind, new_db_url):
+    url = new_db_url(migrated=False)
+    a = flowdesk.App(url)
+    b = flowdesk.App(url)
     await asyncio.gather(a.open(), b.open())
     try:
         assert await a.store.count_runs() == 0
         assert await b.store.count_runs() == 0
     finally:
         await asyncio.gather(a.close(), b.close())
-    assert _schema_version(path) == migrations.latest("sqlite")
+    assert _schema_version(url) == migrations.latest(store_kind)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import uuid
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -78,9 +78,9 @@ def expected(program: list[str], run_id: str) -> list[Any]:
     cut=st.integers(min_value=0, max_value=6),
 )
 async def test_interrupted_run_resumes_without_rerunning_steps(
-    tmp_path: Path, program: list[str], cut: int
+    new_db_url: Callable[..., str], program: list[str], cut: int
 ) -> None:
-    url = f"sqlite:///{tmp_path}/prop-{uuid.uuid4().hex}.db"
+    url = new_db_url()  # a new database for every example
     executions: collections.Counter[int] = collections.Counter()
     stop_here = asyncio.Event()
     hooks: dict[str, Any] = {"executions": executions}
