@@ -128,3 +128,18 @@ def run_dbos(
         str(concurrency),
     ]
     return _run_json(python, BENCH_DIR / "_dbos_workload.py", args)
+
+
+def dbos_python() -> pathlib.Path:
+    """The python of the ``dbos`` virtual environment (built on first use), to run the
+    DBOS side of a benchmark in processes of its own (see ``_dbos_scale.py``)."""
+    return ensure_venv("dbos", DBOS_REQUIREMENTS)
+
+
+PYSPY_REQUIREMENTS = ["py-spy==0.4.3"]
+
+
+def pyspy_binary() -> pathlib.Path:
+    """The ``py-spy`` sampling profiler (from PyPI, in ``<repo>/.bench/pyspy``)."""
+    python = ensure_venv("pyspy", PYSPY_REQUIREMENTS)
+    return python.with_name("py-spy.exe" if os.name == "nt" else "py-spy")

@@ -195,15 +195,18 @@ class SqlTx(base.Tx):
         return self.dialect.list_param(values)
 
     # -- helpers ---------------------------------------------------------------------
-    async def _fence(self, run_id: str, owner: str, *, allow_cancel: bool = False) -> None:
+    async def _fence(self, run_id: str, owner: str, *, allow_cancel: bool = False) -> str | None:
+        """Check (and on PostgreSQL lock) that ``owner`` holds the run; returns its parent."""
         row = await self._one(
-            "SELECT lease_owner, status, cancel_requested FROM runs WHERE id = ?{update}",
+            "SELECT lease_owner, status, cancel_requested, parent_id FROM runs"
+            " WHERE id = ?{update}",
             (run_id,),
         )
         if row is None or row[0] != owner or row[1] != "running":
             raise Fenced(run_id)
         if row[2] and not allow_cancel:
             raise Fenced(run_id, "cancel")
+        return None if row[3] is None else str(row[3])
 
     async def _write_rows(
         self, run_id: str, rows: Sequence[StepRow], versions: dict[str, int]
@@ -236,11 +239,19 @@ class SqlTx(base.Tx):
             await self.notify(row[2])
 
     async def _notify_parent(
-        self, run_id: str, status: str, output: str | None, error: str | None
+        self,
+        run_id: str,
+        status: str,
+        output: str | None,
+        error: str | None,
+        parent_id: str | None | bool = True,
     ) -> None:
-        row = await self._one("SELECT parent_id FROM runs WHERE id = ?", (run_id,))
-        if row and row[0]:
-            parent = await self._one("SELECT status FROM runs WHERE id = ?", (row[0],))
+        """Tell the parent (``parent_id``; True: look it up) that a child finished."""
+        if parent_id is True:
+            row = await self._one("SELECT parent_id FROM runs WHERE id = ?", (run_id,))
+            parent_id = None if row is None else row[0]
+        if parent_id:
+            parent = await self._one("SELECT status FROM runs WHERE id = ?", (parent_id,))
             if parent and not RunStatus(parent[0]).finished:
                 payload = (
                     '{"run_id":'
@@ -253,7 +264,7 @@ class SqlTx(base.Tx):
                     + (error or "null")
                     + "}"
                 )
-                await self._deliver(row[0], CHILD_SIGNAL + run_id, payload)
+                await self._deliver(parent_id, CHILD_SIGNAL + run_id, payload)
 
     async def _cancel_tree(self, run_id: str, error: str) -> RunStatus:
         row = await self._one("SELECT status FROM runs WHERE id = ?{update}", (run_id,))
@@ -443,7 +454,7 @@ class SqlTx(base.Tx):
         error: str | None,
         failed_seq: int | None,
     ) -> None:
-        await self._fence(run_id, owner, allow_cancel=True)
+        parent_id = await self._fence(run_id, owner, allow_cancel=True)
         await self._write_rows(run_id, rows, versions)
         if status is RunStatus.CANCELLED and error is None:  # keep the reason cancel() stored
             row = await self._one("SELECT error FROM runs WHERE id = ?", (run_id,))
@@ -463,7 +474,7 @@ class SqlTx(base.Tx):
                 f"SELECT id FROM runs WHERE parent_id = ? AND status IN {_ACTIVE}", (run_id,)
             ):
                 await self._cancel_tree(child_id, error or "null")
-        await self._notify_parent(run_id, status.value, output, error)
+        await self._notify_parent(run_id, status.value, output, error, parent_id)
 
     async def release(self, run_id: str, owner: str) -> None:
         row = await self._one(
