@@ -115,7 +115,7 @@ def _run_async(fn: Callable[[], Awaitable[Any]]) -> Any:
         return pool.submit(lambda: asyncio.run(fn())).result()
 
 
-READY_DATABASES = 2  # migrated copies kept ready, so a test does not wait for CREATE DATABASE
+READY_DATABASES = 4  # migrated copies kept ready, so a test does not wait for CREATE DATABASE
 
 
 def _cannot_connect(url: str, exc: BaseException) -> None:
@@ -232,9 +232,11 @@ class PostgresServer:
                         self._doomed or self._stopping or len(self._ready) < READY_DATABASES
                     ):
                         self._cond.wait()
-                    doomed = self._doomed.pop(0) if self._doomed else None
-                    if doomed is None and self._stopping:
-                        return
+                    # A test may be waiting for a database: make one before dropping any.
+                    make = not self._stopping and len(self._ready) < READY_DATABASES
+                    doomed = self._doomed.pop(0) if self._doomed and not make else None
+                    if not make and doomed is None:
+                        return  # stopping, and nothing left to drop
                 if doomed is not None:
                     admin.drop(doomed)
                     continue

@@ -223,10 +223,16 @@ class Worker:
         )
         for run_id in executing:
             if run_id not in held:
+                if await self._settled(run_id):
+                    continue  # it parked or finished while the heartbeat was in flight
                 log.warning("lost the lease of run %s; dropping it", run_id)
                 self.interrupt(run_id, "lease")
             elif run_id in to_cancel:
                 self.interrupt(run_id, "cancel")
+
+    async def _settled(self, run_id: str) -> bool:
+        run = await self.app.store.get_run(run_id)
+        return run is not None and (run.status.finished or run.status is RunStatus.WAITING)
 
     async def _upkeep_loop(self) -> None:
         """Fire due schedules, and cancel queued or waiting runs past their deadline."""
