@@ -419,6 +419,8 @@ def fork(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a new run that keeps RUN_ID's results before --from-step and runs from there."""
+    if from_step < 1:
+        _fail(f"--from-step {from_step}: steps are numbered from 1 (see `flowdesk runs show`)")
     the_app = _app(app, database_url, existing=True)
 
     async def body() -> None:
