@@ -331,22 +331,36 @@ class Flow:
         interval: float = 0.02,
     ) -> None:
         """Poll ``predicate`` until it is true; fail early when a watched process died."""
-        deadline = time.monotonic() + timeout
-        last_error: BaseException | None = None
-        while True:
-            try:
-                if predicate():
-                    return
-                last_error = None
-            except sqlite3.OperationalError as exc:  # no file or no schema yet
-                last_error = exc
-            for proc in watch:
-                if not proc.alive():
-                    pytest.fail(f"while waiting for {what}: {proc.describe()}")
-            if time.monotonic() > deadline:
-                detail = f" (last error: {last_error})" if last_error else ""
-                pytest.fail(f"timed out after {timeout} s waiting for {what}{detail}")
-            time.sleep(interval)
+        poll_until(predicate, timeout=timeout, what=what, watch=watch, interval=interval)
+
+
+def poll_until(
+    predicate: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    watch: Sequence[Proc] = (),
+    interval: float = 0.02,
+    transient: tuple[type[BaseException], ...] = (sqlite3.OperationalError,),
+) -> None:
+    """Poll ``predicate`` until it is true. A ``transient`` error (no file or no schema
+    yet) counts as false; a watched process that died fails the test at once."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            if predicate():
+                return
+            last_error = None
+        except transient as exc:
+            last_error = exc
+        for proc in watch:
+            if not proc.alive():
+                pytest.fail(f"while waiting for {what}: {proc.describe()}")
+        if time.monotonic() > deadline:
+            detail = f" (last error: {last_error})" if last_error else ""
+            pytest.fail(f"timed out after {timeout} s waiting for {what}{detail}")
+        time.sleep(interval)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ import pytest
 from psycopg import sql as pgsql
 
 from . import pgapp
-from .conftest import Flow, Proc, Procs
+from .conftest import Flow, Proc, Procs, poll_until
 
 ADMIN_URL = os.environ.get(
     "FLOWDESK_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -198,24 +198,18 @@ class PgFlow(Flow):
     ) -> None:
         """Poll ``predicate`` until it is true; fail early when a watched process died.
         A database not reachable yet (no schema, a server restarting) counts as false."""
-        deadline = time.monotonic() + timeout
-        last_error: BaseException | None = None
-        while True:
-            try:
-                if predicate():
-                    return
-                last_error = None
-            except (psycopg.OperationalError, psycopg.errors.UndefinedTable) as exc:
-                last_error = exc
-            except sqlite3.OperationalError as exc:
-                last_error = exc
-            for proc in watch:
-                if not proc.alive():
-                    pytest.fail(f"while waiting for {what}: {proc.describe()}")
-            if time.monotonic() > deadline:
-                detail = f" (last error: {last_error})" if last_error else ""
-                pytest.fail(f"timed out after {timeout} s waiting for {what}{detail}")
-            time.sleep(interval)
+        poll_until(
+            predicate,
+            timeout=timeout,
+            what=what,
+            watch=watch,
+            interval=interval,
+            transient=(
+                psycopg.OperationalError,
+                psycopg.errors.UndefinedTable,
+                sqlite3.OperationalError,
+            ),
+        )
 
 
 @pytest.fixture

@@ -415,9 +415,6 @@ class Store(ABC):
     @abstractmethod
     async def count_runs(self, status: str | None = None) -> int: ...
 
-    @abstractmethod
-    async def workers(self) -> list[dict[str, Any]]: ...
-
 
 def open_store(url: str) -> Store:
     """Build the store for a database URL (it is opened by `Store.open`)."""

@@ -898,14 +898,6 @@ class SqlStore(base.Store):
             rows = await self._read("SELECT COUNT(*) FROM runs WHERE status = ?", (status,))
         return int(rows[0][0])
 
-    async def workers(self) -> list[dict[str, Any]]:
-        rows = await self._read(
-            "SELECT id, host, pid, queues, concurrency, started_at, heartbeat_at FROM workers"
-            " ORDER BY started_at"
-        )
-        keys = ("id", "host", "pid", "queues", "concurrency", "started_at", "heartbeat_at")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
-
     async def schedules(self) -> list[ScheduleRecord]:
         rows = await self._read(f"SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY name")
         return [schedule_from_row(r) for r in rows]
