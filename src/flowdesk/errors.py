@@ -8,8 +8,14 @@ The tree::
     │   └── SchemaTooNew            the database was written by a newer flowdesk
     ├── NotFound
     │   ├── UnknownWorkflow         no workflow is registered under that name
-    │   └── RunNotFound             no run has that id
+    │   ├── RunNotFound             no run has that id
+    │   └── TaskNotFound            no human task has that id
     ├── InvalidInput                input failed the workflow's input model
+    ├── InvalidForm                 task form data failed the form's JSON Schema
+    ├── Conflict                    the thing to create already exists
+    ├── Unauthenticated             no credential, or an expired, revoked or forged one
+    ├── PermissionDenied            the user may not do this
+    │   └── FourEyesViolation       the requester tried to approve their own work
     ├── SerializationError          a value cannot be stored as JSON
     ├── IdempotencyConflict         an idempotency key was reused for other work
     ├── InvalidState                the run's status does not allow the operation
@@ -83,6 +89,47 @@ class RunNotFound(NotFound):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.run_id,))
+
+
+class TaskNotFound(NotFound):
+    """No human task has that id."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"No task with id {task_id!r}. List tasks with `flowdesk tasks list`.")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task_id,))
+
+
+class InvalidForm(FlowdeskError):
+    """The submitted form data does not match the task's form; nothing was changed."""
+
+    def __init__(self, task_id: str, errors: list[dict[str, Any]]) -> None:
+        self.task_id = task_id
+        self.errors = errors
+        details = "; ".join(f"{e.get('field') or '(form)'}: {e.get('message')}" for e in errors)
+        super().__init__(f"Invalid form data for task {task_id}: {details}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task_id, self.errors))
+
+
+class Conflict(FlowdeskError):
+    """It already exists."""
+
+
+class Unauthenticated(FlowdeskError):
+    """No valid credential: send `Authorization: Bearer <token>` with a token from
+    `flowdesk tokens create`."""
+
+
+class PermissionDenied(FlowdeskError):
+    """The user's roles do not allow this."""
+
+
+class FourEyesViolation(PermissionDenied):
+    """The person who requested the work cannot also approve it."""
 
 
 class InvalidInput(FlowdeskError):

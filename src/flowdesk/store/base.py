@@ -22,7 +22,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from flowdesk.store import people
 
 T = TypeVar("T")
 
@@ -154,6 +157,7 @@ class NewRun:
     dedupe_key: str | None = None
     debounce_ms: int | None = None  # with dedupe_key: each repeat start pushes due_at out
     deadline_at: int | None = None
+    initiator: str | None = None  # who asked for the work (children inherit the parent's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,10 +266,11 @@ class Tx(ABC):
         deadline: int | None,
         children: Sequence[NewRun] = (),
         losers: dict[str, str] | None = None,
+        tasks: Sequence[people.NewTask] = (),
     ) -> AwaitOutcome:
         """Resolve a wait at once or park the run. Fenced.
 
-        Writes ``rows``, ``versions`` and ``children`` first. Then, when one of
+        Writes ``rows``, ``versions``, ``children`` and human ``tasks`` first. Then, when one of
         ``signals`` is pending, consumes the oldest such signal and records ``wait`` as done
         with ``{"name": ..., "payload": ...}`` when there are several names, or with the
         bare payload for one (`Resolved`); else when ``deadline`` has passed returns
@@ -330,6 +335,78 @@ class Tx(ABC):
     @abstractmethod
     async def overdue(self, limit: int) -> list[str]:
         """Queued or waiting runs whose deadline has passed."""
+
+    # -- people (implemented in sql_people.py) ------------------------------------------
+    actor: str
+    """Who the current operation acts for; it signs the operation's audit records."""
+
+    @abstractmethod
+    def audit(self, action: str, subject: str, data: Any, actor: str | None = None) -> None:
+        """Append an audit record, in this transaction."""
+
+    @abstractmethod
+    async def create_task(self, task: people.NewTask) -> bool: ...
+
+    @abstractmethod
+    async def claim_task(self, task_id: str, who: people.Person) -> None: ...
+
+    @abstractmethod
+    async def unclaim_task(self, task_id: str, who: people.Person) -> None: ...
+
+    @abstractmethod
+    async def complete_task(
+        self, task_id: str, who: people.Person, data: str, *, auto: str | None = None
+    ) -> str: ...
+
+    @abstractmethod
+    async def delegate_task(self, task_id: str, who: people.Person, to_user: str) -> None: ...
+
+    @abstractmethod
+    async def comment_task(self, task_id: str, who: people.Person, text: str) -> None: ...
+
+    @abstractmethod
+    async def save_draft(self, task_id: str, who: people.Person, draft: str) -> None: ...
+
+    @abstractmethod
+    async def escalate_task(self, task_id: str, level: int) -> people.Escalated | None: ...
+
+    @abstractmethod
+    async def create_user(
+        self,
+        user_id: str,
+        name: str,
+        roles: Sequence[str],
+        groups: Sequence[str],
+        manager: str | None = None,
+        password_hash: str | None = None,
+    ) -> None: ...
+
+    @abstractmethod
+    async def update_user(
+        self,
+        user_id: str,
+        *,
+        roles: Sequence[str] | None = None,
+        groups: Sequence[str] | None = None,
+        manager: str | None = None,
+        disabled: bool | None = None,
+    ) -> None: ...
+
+    @abstractmethod
+    async def create_token(
+        self, token_id: str, user_id: str, secret_hash: str, name: str, expires_at: int | None
+    ) -> None: ...
+
+    @abstractmethod
+    async def revoke_token(self, token_id: str) -> None: ...
+
+    @abstractmethod
+    async def add_checkpoint(
+        self, seq: int, hash_: str, at: int, key_id: str, signature: str
+    ) -> None: ...
+
+    @abstractmethod
+    async def purge_runs(self, finished_before: int, limit: int) -> list[str]: ...
 
 
 Op = Callable[[Tx], Awaitable[Any]]
@@ -414,6 +491,47 @@ class Store(ABC):
 
     @abstractmethod
     async def count_runs(self, status: str | None = None) -> int: ...
+
+    # -- people (implemented in sql_people.py) ------------------------------------------
+    @abstractmethod
+    async def get_task(self, task_id: str) -> people.TaskRecord | None: ...
+
+    @abstractmethod
+    async def list_tasks(self, q: people.TaskQuery) -> people.TaskPage: ...
+
+    @abstractmethod
+    async def task_events(self, task_id: str) -> list[people.TaskEvent]: ...
+
+    @abstractmethod
+    async def due_escalations(self, limit: int = 100) -> list[tuple[str, int]]: ...
+
+    @abstractmethod
+    async def get_user(self, user_id: str) -> people.UserRecord | None: ...
+
+    @abstractmethod
+    async def list_users(self) -> list[people.UserRecord]: ...
+
+    @abstractmethod
+    async def password_hash(self, user_id: str) -> str | None: ...
+
+    @abstractmethod
+    async def token_owner(
+        self, secret_hash: str
+    ) -> tuple[people.TokenRecord, people.UserRecord] | None: ...
+
+    @abstractmethod
+    async def list_tokens(self, user_id: str | None = None) -> list[people.TokenRecord]: ...
+
+    @abstractmethod
+    async def audit_head(self) -> tuple[int, str]: ...
+
+    @abstractmethod
+    async def audit_rows(
+        self, after_seq: int, limit: int, subject: str | None = None
+    ) -> list[Sequence[Any]]: ...
+
+    @abstractmethod
+    async def audit_checkpoints(self) -> list[Sequence[Any]]: ...
 
 
 def open_store(url: str) -> Store:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from flowdesk import errors
-from flowdesk.store import base, migrations, sql
+from flowdesk.store import base, migrations, sql, sql_people
 
 if TYPE_CHECKING:
     import psycopg
@@ -67,12 +67,12 @@ def _redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-class _Tx(sql.SqlTx):
+class _Tx(sql_people.PeopleTx):
     dialect = PostgresDialect
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], now: int) -> None:
+        super().__init__(now)
         self.c = conn
-        self.now = now
         self._notified: set[str] = set()
 
     async def _one(self, text: str, params: Sequence[Any] = ()) -> Sequence[Any] | None:
@@ -100,7 +100,7 @@ class _Tx(sql.SqlTx):
             await self.c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, queue))
 
 
-class PostgresStore(sql.SqlStore):
+class PostgresStore(sql_people.PeopleStore):
     dialect = PostgresDialect
     parallel_writes = 4  # group commits in flight at once, each on its own connection
 
@@ -192,7 +192,9 @@ class PostgresStore(sql.SqlStore):
 
         try:
             async with self.pool.connection() as conn, conn.transaction():
-                yield _Tx(conn, base.now_ms())
+                tx = _Tx(conn, base.now_ms())
+                yield tx
+                await tx.seal_audit()
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             if exc.sqlstate in _RETRYABLE:  # a deadlock, not a lost server
                 raise
@@ -243,7 +245,12 @@ class PostgresStore(sql.SqlStore):
             try:
                 async with conn.transaction():
                     tx = _Tx(conn, base.now_ms())
-                    return [await op(tx) for op in work]
+                    done = []
+                    for op in work:
+                        tx.actor = "system"
+                        done.append(await op(tx))
+                    await tx.seal_audit()
+                    return done
             except psycopg.OperationalError:
                 raise
             except psycopg.Error as exc:
@@ -258,6 +265,8 @@ class PostgresStore(sql.SqlStore):
             async with conn.transaction():
                 tx = _Tx(conn, base.now_ms())
                 for op in work:
+                    tx.actor = "system"
+                    mark = len(tx.events)
                     try:
                         async with conn.transaction():  # a savepoint per operation
                             results.append(await op(tx))
@@ -266,9 +275,12 @@ class PostgresStore(sql.SqlStore):
                     except psycopg.Error as exc:
                         if exc.sqlstate in _RETRYABLE:
                             raise
+                        del tx.events[mark:]
                         results.append(exc)
                     except Exception as exc:  # one refused operation; keep the others
+                        del tx.events[mark:]
                         results.append(exc)
+                await tx.seal_audit()
             return results
 
     # -- notifications ---------------------------------------------------------------

@@ -19,7 +19,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar, TypeVar
 
 from flowdesk import errors
-from flowdesk.store import base
+from flowdesk.store import audit, base, people
 from flowdesk.store.base import (
     AwaitOutcome,
     Claimed,
@@ -171,6 +171,53 @@ class SqlTx(base.Tx):
     dialect: ClassVar[type[Dialect]] = Dialect
     now: int
 
+    def __init__(self, now: int) -> None:
+        self.now = now
+        self.actor = "system"
+        self.events: list[audit.AuditEvent] = []
+
+    def audit(self, action: str, subject: str, data: Any, actor: str | None = None) -> None:
+        """Append an audit record when this transaction commits (`seal_audit`)."""
+        self.events.append(audit.AuditEvent(actor or self.actor, action, subject, data))
+
+    def _audit_rows(self, run_id: str, rows: Sequence[StepRow]) -> None:
+        for r in rows:
+            self.events.append(
+                audit.AuditEvent(
+                    self.actor,
+                    "step.recorded" if r.status != "pending" else "step.waiting",
+                    "run:" + run_id,
+                    {
+                        "seq": r.seq,
+                        "name": r.name,
+                        "kind": r.kind,
+                        "status": r.status,
+                        "output_sha256": audit.digest(r.output),
+                        "error_sha256": audit.digest(r.error),
+                    },
+                )
+            )
+
+    async def seal_audit(self) -> None:
+        """Chain the audit records of this transaction after the head, under the head's
+        row lock (PostgreSQL) or the write lock (SQLite): appends are serialized, so the
+        chain has no gaps and no forks. Called last, just before commit."""
+        if not self.events:
+            return
+        head = await self._one("SELECT seq, hash FROM audit_head WHERE id = 1{update}")
+        if head is None:
+            raise errors.StoreError("The audit chain has no head row: the schema is damaged.")
+        rows = audit.chain(self.events, int(head[0]), str(head[1]), self.now)
+        self.events = []
+        await self._many(
+            "INSERT INTO audit (seq, at, actor, action, subject, data, data_hash, prev_hash,"
+            " hash) VALUES (?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
+        await self._run(
+            "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (rows[-1][0], rows[-1][8])
+        )
+
     # -- how statements run (dialect) -------------------------------------------------
     @abstractmethod
     async def _one(self, sql: str, params: Sequence[Any] = ()) -> Sequence[Any] | None: ...
@@ -215,6 +262,7 @@ class SqlTx(base.Tx):
             await self._run(INSERT_STEP, _step_params(run_id, rows[0]))
         elif rows:
             await self._many(INSERT_STEP, [_step_params(run_id, r) for r in rows])
+        self._audit_rows(run_id, rows)
         if versions:
             await self._many(
                 "INSERT INTO versions (run_id, change_id, version) VALUES (?,?,?)"
@@ -286,13 +334,28 @@ class SqlTx(base.Tx):
                 " WHERE id = ?",
                 (error, self.now, self.now, run_id),
             )
+            await self._close_tasks(run_id)
             await self._notify_parent(run_id, "cancelled", None, error)
             result = RunStatus.CANCELLED
+        self.audit(
+            "run.cancelled" if result is RunStatus.CANCELLED else "run.cancel_requested",
+            "run:" + run_id,
+            {"error_sha256": audit.digest(error)},
+        )
         for (child_id,) in await self._all(
             f"SELECT id FROM runs WHERE parent_id = ? AND status IN {_ACTIVE}", (run_id,)
         ):
             await self._cancel_tree(child_id, error)
         return result
+
+    async def _close_tasks(self, run_id: str) -> None:
+        """A run that ends leaves none of its tasks open in anyone's inbox."""
+        for (task_id,) in await self._all(
+            "UPDATE tasks SET status = 'cancelled', escalate_at = NULL, updated_at = ?"
+            " WHERE run_id = ? AND status IN ('open', 'claimed') RETURNING id",
+            (self.now, run_id),
+        ):
+            self.audit("task.cancelled", "task:" + task_id, {"run_id": run_id})
 
     # -- operations ------------------------------------------------------------------
     async def create_run(self, run: NewRun) -> tuple[str, bool]:
@@ -318,11 +381,16 @@ class SqlTx(base.Tx):
                     )
                 return row[0], False
         now = run.created_at or self.now
+        initiator = run.initiator
+        if initiator is None and run.parent_id is not None:
+            row = await self._one("SELECT initiator FROM runs WHERE id = ?", (run.parent_id,))
+            initiator = None if row is None else row[0]
         inserted = await self._one(
             "INSERT INTO runs (id, workflow, queue, priority, status, input, idempotency_key,"
             " input_hash, parent_id, parent_seq, due_at, created_at, updated_at,"
-            " concurrency_key, dedupe_key, deadline_at)"
-            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING RETURNING id",
+            " concurrency_key, dedupe_key, deadline_at, initiator)"
+            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT DO NOTHING RETURNING id",
             (
                 run.id,
                 run.workflow,
@@ -339,6 +407,7 @@ class SqlTx(base.Tx):
                 run.concurrency_key,
                 run.dedupe_key,
                 run.deadline_at,
+                initiator,
             ),
         )
         if inserted is None:  # another transaction took the key (or id) meanwhile
@@ -346,6 +415,18 @@ class SqlTx(base.Tx):
             if existing is None:
                 raise errors.StoreError(f"Could not create run {run.id}: it conflicts.")
             return existing, False
+        self.audit(
+            "run.started",
+            "run:" + run.id,
+            {
+                "workflow": run.workflow,
+                "queue": run.queue,
+                "input_sha256": audit.digest(run.input),
+                "idempotency_key": run.idempotency_key,
+                "parent_id": run.parent_id,
+                "initiator": initiator,
+            },
+        )
         await self.notify(run.queue)
         return run.id, True
 
@@ -377,6 +458,7 @@ class SqlTx(base.Tx):
             if changed != 1:
                 await self._fence(run_id, owner)
                 raise Fenced(run_id)
+            self._audit_rows(run_id, rows)
             return
         await self._fence(run_id, owner)
         await self._write_rows(run_id, rows, versions)
@@ -392,11 +474,14 @@ class SqlTx(base.Tx):
         deadline: int | None,
         children: Sequence[NewRun] = (),
         losers: dict[str, str] | None = None,
+        tasks: Sequence[people.NewTask] = (),
     ) -> AwaitOutcome:
         await self._fence(run_id, owner)
         await self._write_rows(run_id, rows, versions)
         for child in children:
             await self.create_run(child)
+        for task in tasks:
+            await self.create_task(task)
         if signals:
             found = await self._one(
                 "SELECT id, name, payload FROM signals WHERE run_id = ? AND consumed_seq IS NULL"
@@ -469,6 +554,18 @@ class SqlTx(base.Tx):
             " WHERE id = ?",
             (status.value, output, error, failed_seq, self.now, self.now, run_id),
         )
+        self.audit(
+            "run.finished",
+            "run:" + run_id,
+            {
+                "status": status.value,
+                "output_sha256": audit.digest(output),
+                "error_sha256": audit.digest(error),
+                "failed_seq": failed_seq,
+            },
+        )
+        if status is not RunStatus.SUCCEEDED:
+            await self._close_tasks(run_id)
         if status is RunStatus.CANCELLED:
             for (child_id,) in await self._all(
                 f"SELECT id FROM runs WHERE parent_id = ? AND status IN {_ACTIVE}", (run_id,)
@@ -495,6 +592,9 @@ class SqlTx(base.Tx):
                 f"signals (signal {name!r} was not stored)."
             )
         await self._deliver(run_id, name, payload)
+        self.audit(
+            "signal.sent", "run:" + run_id, {"name": name, "payload_sha256": audit.digest(payload)}
+        )
 
     async def cancel(self, run_id: str, reason: str, kind: str = "Cancelled") -> RunStatus:
         row = await self._one("SELECT status FROM runs WHERE id = ?", (run_id,))
@@ -535,6 +635,7 @@ class SqlTx(base.Tx):
             " WHERE id = ?",
             (self.now, self.now, run_id),
         )
+        self.audit("run.retried", "run:" + run_id, {"from_seq": row[1]})
         await self.notify(row[2])
 
     async def fork(self, run_id: str, from_seq: int, new_id: str) -> int:
@@ -579,6 +680,7 @@ class SqlTx(base.Tx):
             " SELECT ?, change_id, version FROM versions WHERE run_id = ?",
             (new_id, run_id),
         )
+        self.audit("run.forked", "run:" + new_id, {"from_run": run_id, "from_seq": from_seq})
         await self.notify(row[1])
         return int(from_seq)
 
@@ -620,6 +722,7 @@ class SqlTx(base.Tx):
             raise errors.NotFound(
                 f"No schedule {name!r}. List them with `flowdesk schedules list`."
             )
+        self.audit("schedule.paused" if paused else "schedule.resumed", "schedule:" + name, {})
 
     async def overdue(self, limit: int) -> list[str]:
         rows = await self._all(

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from flowdesk import errors
-from flowdesk.store import base, migrations, sql
+from flowdesk.store import base, migrations, sql, sql_people
 
 __all__ = ["SQLiteStore", "parse_url"]
 
@@ -54,10 +54,10 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
     return path, options
 
 
-class _Tx(sql.SqlTx):
+class _Tx(sql_people.PeopleTx):
     def __init__(self, conn: sqlite3.Connection, now: int) -> None:
+        super().__init__(now)
         self.c = conn
-        self.now = now
 
     async def _one(self, text: str, params: Sequence[Any] = ()) -> Sequence[Any] | None:
         row: Sequence[Any] | None = self.c.execute(self.dialect.prepare(text), params).fetchone()
@@ -92,7 +92,7 @@ def _check_folder(path: str) -> None:
             )
 
 
-class SQLiteStore(sql.SqlStore):
+class SQLiteStore(sql_people.PeopleStore):
     def __init__(self, url: str, *, busy_seconds: float = 60.0) -> None:
         self.url = url
         path, options = parse_url(url)
@@ -176,7 +176,9 @@ class SQLiteStore(sql.SqlStore):
             conn = self.conn
             await self._retry(lambda: conn.execute("BEGIN IMMEDIATE"))
             try:
-                yield _Tx(conn, base.now_ms())
+                tx = _Tx(conn, base.now_ms())
+                yield tx
+                _drive(tx.seal_audit())
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -224,6 +226,8 @@ class SQLiteStore(sql.SqlStore):
             for op in work:
                 if not single:
                     conn.execute("SAVEPOINT op")
+                tx.actor = "system"
+                mark = len(tx.events)
                 try:
                     results.append(_drive(op(tx)))
                 except sqlite3.OperationalError:
@@ -233,9 +237,11 @@ class SQLiteStore(sql.SqlStore):
                         conn.execute("ROLLBACK")
                         return [exc]
                     conn.execute("ROLLBACK TO op")
+                    del tx.events[mark:]
                     results.append(exc)
                 if not single:
                     conn.execute("RELEASE op")
+            _drive(tx.seal_audit())
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
