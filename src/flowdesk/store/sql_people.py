@@ -56,7 +56,11 @@ class PeopleTx(sql.SqlTx):
         if task.assign == "workload":
             assignee = await self._least_loaded(task, initiator)
         escalate_at = self._escalate_at(task.escalation, 0, task.due_at, self.now)
-        candidates = {"users": list(task.users), "groups": list(task.groups), "roles": list(task.roles)}
+        candidates = {
+            "users": list(task.users),
+            "groups": list(task.groups),
+            "roles": list(task.roles),
+        }
         await self._run(
             "INSERT INTO tasks (id, run_id, seq, kind, title, status, priority, labels,"
             " form_schema, form_ref, context, candidates, assignee, initiator, four_eyes,"
@@ -158,8 +162,7 @@ class PeopleTx(sql.SqlTx):
             raise errors.PermissionDenied(f"{who.id} is not a candidate for task {task_id}.")
         if row[1] is not None:
             raise errors.InvalidState(
-                f"Task {task_id} is already claimed by {row[1]}; they can unclaim or "
-                "delegate it."
+                f"Task {task_id} is already claimed by {row[1]}; they can unclaim or delegate it."
             )
         self._four_eyes(task_id, row, who.id)
         await self._run(
@@ -175,8 +178,7 @@ class PeopleTx(sql.SqlTx):
             raise errors.InvalidState(f"Task {task_id} is {row[2]}, not claimed.")
         if row[1] != who.id and not who.privileged:
             raise errors.PermissionDenied(
-                f"Task {task_id} is claimed by {row[1]}; only they (or an operator) can "
-                "unclaim it."
+                f"Task {task_id} is claimed by {row[1]}; only they (or an operator) can unclaim it."
             )
         await self._run(
             "UPDATE tasks SET status = 'open', assignee = NULL, updated_at = ? WHERE id = ?",
@@ -221,8 +223,13 @@ class PeopleTx(sql.SqlTx):
         run = await self._one("SELECT status FROM runs WHERE id = ?", (run_id,))
         if run is not None and not base.RunStatus(run[0]).finished:
             payload = (
-                '{"data":' + data + ',"by":' + json.dumps(who.id) + ',"auto":'
-                + json.dumps(auto) + "}"
+                '{"data":'
+                + data
+                + ',"by":'
+                + json.dumps(who.id)
+                + ',"auto":'
+                + json.dumps(auto)
+                + "}"
             )
             await self._deliver(run_id, people.TASK_SIGNAL + task_id, payload)
         self.audit(
@@ -325,7 +332,12 @@ class PeopleTx(sql.SqlTx):
             await self._run(
                 "UPDATE tasks SET escalation_level = ?, escalate_at = ?, updated_at = ?"
                 " WHERE id = ?",
-                (level + 1, self._escalate_at(policies, level + 1, row[9], row[10]), self.now, task_id),
+                (
+                    level + 1,
+                    self._escalate_at(policies, level + 1, row[9], row[10]),
+                    self.now,
+                    task_id,
+                ),
             )
         else:
             await self._run(
@@ -495,9 +507,7 @@ class PeopleStore(sql.SqlStore):
     """Reads of users, tokens, tasks and the audit chain."""
 
     async def get_task(self, task_id: str) -> people.TaskRecord | None:
-        rows = await self._read(
-            f"SELECT {people.TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
-        )
+        rows = await self._read(f"SELECT {people.TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
         return people.task_from_row(rows[0]) if rows else None
 
     async def list_tasks(self, q: people.TaskQuery) -> people.TaskPage:
@@ -579,9 +589,7 @@ class PeopleStore(sql.SqlStore):
         return [(str(r[0]), int(r[1])) for r in rows]
 
     async def get_user(self, user_id: str) -> people.UserRecord | None:
-        rows = await self._read(
-            f"SELECT {people.USER_COLUMNS} FROM users WHERE id = ?", (user_id,)
-        )
+        rows = await self._read(f"SELECT {people.USER_COLUMNS} FROM users WHERE id = ?", (user_id,))
         return people.user_from_row(rows[0]) if rows else None
 
     async def list_users(self) -> list[people.UserRecord]:
