@@ -7,15 +7,15 @@ import concurrent.futures
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from flowdesk import codec, errors
-from flowdesk.engine import registry, schedules
+from flowdesk.engine import registry, schedules, tasks
 from flowdesk.engine.writer import Writer
-from flowdesk.store import base
+from flowdesk.store import audit, base
 from flowdesk.store import sql as sql_store
 from flowdesk.store.base import (
     NewRun,
@@ -31,12 +31,18 @@ if TYPE_CHECKING:
     from flowdesk.engine.worker import Worker
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 DEFAULT_URL = "sqlite:///flowdesk.db"
 
 
 def _secs(value: timedelta | float | None) -> float | None:
     return value.total_seconds() if isinstance(value, timedelta) else value
+
+
+def _person(actor: str) -> str | None:
+    """The acting user, or None when the system acts."""
+    return None if actor == "system" or actor.startswith("system:") else actor
 
 
 def new_run_id() -> str:
@@ -75,6 +81,7 @@ class App:
         poll_interval: float = 0.25,
         heartbeat_interval: float | None = None,
         executor_threads: int = 32,
+        notifier: tasks.Notifier | None = None,
     ) -> None:
         self.database_url = database_url or os.environ.get("FLOWDESK_DATABASE_URL") or DEFAULT_URL
         self.new_run_id = new_run_id
@@ -97,6 +104,9 @@ class App:
         self._fn_names: dict[Callable[..., Any], str] = {}
         self.queues: dict[str, QueueLimits] = {}
         self.schedule_defs: dict[str, schedules.Schedule] = {}
+        self.notifier: tasks.Notifier = notifier or tasks.LogNotifier()
+        # Called about once a second by every worker's upkeep loop (audit checkpoints...).
+        self.upkeep_hooks: list[Callable[[], Awaitable[None]]] = []
 
     # -- registration ----------------------------------------------------------------
     @overload
@@ -334,6 +344,7 @@ class App:
         concurrency_key: str | None = None,
         dedupe_key: str | None = None,
         debounce: timedelta | float | None = None,
+        initiator: str | None = None,
     ) -> RunHandle:
         """Start a run.
 
@@ -343,7 +354,8 @@ class App:
         starting another; with ``debounce``, the run waits that long and every repeat start
         pushes it back and replaces its input (the last one wins). ``priority``: higher
         starts first within the queue. ``delay``: start no earlier than that. ``timeout``:
-        overrides the workflow's."""
+        overrides the workflow's. ``initiator``: who asks for the work (default: the acting
+        user of an API request); four-eyes tasks refuse completion by them."""
         await self.open()
         name = self.workflow_name(workflow)
         wdef = self.registry.workflow(name)
@@ -367,11 +379,25 @@ class App:
             dedupe_key=dedupe_key,
             debounce_ms=None if debounce is None else int((_secs(debounce) or 0) * 1000),
             deadline_at=None if limit is None else now + int(limit * 1000),
+            initiator=initiator or _person(audit.ACTOR.get()),
         )
-        run_id, created = await self.writer.submit(lambda tx: tx.create_run(new))
+        run_id, created = await self.submit(lambda tx: tx.create_run(new))
         if created:
             self.wake()
         return RunHandle(run_id, name, created, self)
+
+    async def submit(self, op: Callable[[base.Tx], Awaitable[T]], actor: str | None = None) -> T:
+        """Apply one write operation (group-committed with others), on behalf of ``actor``
+        (default: the acting user, `audit.ACTOR`), whose name its audit records carry."""
+        await self.open()
+        who = actor or audit.ACTOR.get()
+
+        async def acting(tx: base.Tx) -> T:
+            tx.actor = who
+            return await op(tx)
+
+        result: T = await self.writer.submit(acting)
+        return result
 
     async def fork(self, run_id: str, from_seq: int) -> RunHandle:
         """A new run of the same workflow and input that keeps the recorded results before
@@ -379,7 +405,7 @@ class App:
         there. The new run records where it was forked from."""
         await self.open()
         new_id = new_run_id()
-        await self.writer.submit(lambda tx: tx.fork(run_id, from_seq, new_id))
+        await self.submit(lambda tx: tx.fork(run_id, from_seq, new_id))
         self.wake()
         run = await self.get_run(new_id)
         return RunHandle(new_id, run.workflow, True, self)
@@ -391,7 +417,7 @@ class App:
 
     async def pause_schedule(self, name: str) -> None:
         await self.open()
-        await self.writer.submit(lambda tx: tx.pause_schedule(name, True))
+        await self.submit(lambda tx: tx.pause_schedule(name, True))
 
     async def resume_schedule(self, name: str) -> None:
         """Resume a paused schedule from its next tick after now (paused ticks are skipped)."""
@@ -406,21 +432,21 @@ class App:
             await tx.pause_schedule(name, False)
             await tx.advance_schedule(name, None, schedules.next_after(record.cron, tx.now))
 
-        await self.writer.submit(op)
+        await self.submit(op)
 
     async def signal(self, run_id: str, name: str, payload: Any = None) -> None:
         """Send a signal; a run that waits for it wakes. Raises `RunNotFound` for an unknown
         run and `InvalidState` for a finished one."""
         await self.open()
         encoded = codec.encode(payload, f"payload of signal {name!r}")
-        await self.writer.submit(lambda tx: tx.signal(run_id, name, encoded))
+        await self.submit(lambda tx: tx.signal(run_id, name, encoded))
         self.wake()
 
     async def cancel(self, run_id: str, reason: str = "cancelled by request") -> RunStatus:
         """Cancel a run and its children. Queued and waiting runs end at once; a running one
         stops at its next step (its worker is told within a heartbeat)."""
         await self.open()
-        status: RunStatus = await self.writer.submit(lambda tx: tx.cancel(run_id, reason))
+        status: RunStatus = await self.submit(lambda tx: tx.cancel(run_id, reason))
         if status is RunStatus.RUNNING:
             for worker in self._workers:
                 worker.interrupt(run_id, "cancel")
@@ -431,7 +457,7 @@ class App:
     async def retry(self, run_id: str) -> RunHandle:
         """Resume a failed run: recorded steps are kept, the failed step runs again."""
         await self.open()
-        await self.writer.submit(lambda tx: tx.retry(run_id))
+        await self.submit(lambda tx: tx.retry(run_id))
         self.wake()
         run = await self.get_run(run_id)
         return RunHandle(run_id, run.workflow, False, self)

@@ -20,15 +20,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
+from pydantic import BaseModel
+
 from flowdesk import codec, errors
-from flowdesk.engine import registry
-from flowdesk.store import base
+from flowdesk.engine import registry, tasks
+from flowdesk.store import base, people
 from flowdesk.store.base import Expired, Fenced, HistoryRow, NewRun, Parked, Resolved, StepRow
 
 if TYPE_CHECKING:
     from flowdesk.engine.app import App as Runtime
 
 R = TypeVar("R")
+M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("flowdesk.engine")
 
 CHILD_SIGNAL = "flowdesk.child:"
@@ -419,6 +422,85 @@ class Context:
         assert isinstance(outcome, Resolved)
         return self._child_outcome(seq, step_name, wdef, outcome.payload)
 
+    async def human_task(
+        self,
+        kind: str,
+        *,
+        title: str,
+        form: type[M],
+        context: Any = None,
+        candidates: tasks.Assignees | None = None,
+        due: timedelta | None = None,
+        follow_up: timedelta | None = None,
+        priority: int = 0,
+        labels: Sequence[str] = (),
+        escalation: tasks.Escalation | Sequence[tasks.Escalation] | None = None,
+        four_eyes: bool = False,
+    ) -> M:
+        """Hand work to a person and wait for it: returns the completed ``form``.
+
+        The task is created durably (with the run's next step) and the run suspends, holding
+        no worker, until someone completes it through the API, CLI or inbox; the submitted
+        data was already validated against the form's JSON Schema. ``context`` is what the
+        person reads (summary, model suggestion and confidence, document...). With
+        ``four_eyes``, the user who started the run cannot complete the task."""
+        step_name = f"task:{kind}"
+        seq = self._next(step_name, "task")
+        task_id = f"{self.run_id}-t{seq}"
+        rec = self._history.get(seq)
+        if rec is not None and rec.status == "ok":
+            return form.model_validate(codec.decode(rec.output)["data"])
+        new_tasks: list[people.NewTask] = []
+        if rec is None:
+            who = candidates or tasks.Assignees()
+            stages = (
+                []
+                if escalation is None
+                else [escalation]
+                if isinstance(escalation, tasks.Escalation)
+                else list(escalation)
+            )
+            now = _now_ms()
+            new_tasks.append(
+                people.NewTask(
+                    id=task_id,
+                    run_id=self.run_id,
+                    seq=seq,
+                    kind=kind,
+                    title=title,
+                    form_schema=codec.encode(form.model_json_schema()),
+                    form_ref=f"{form.__module__}:{form.__qualname__}",
+                    context=None if context is None else codec.encode(context, "task context"),
+                    users=list(who.users),
+                    groups=list(who.groups),
+                    roles=list(who.roles),
+                    assign=who.strategy,
+                    priority=priority,
+                    labels=list(labels),
+                    four_eyes=four_eyes,
+                    due_at=None if due is None else now + int(due.total_seconds() * 1000),
+                    follow_up_at=(
+                        None if follow_up is None else now + int(follow_up.total_seconds() * 1000)
+                    ),
+                    escalation=[stage.policy(form) for stage in stages],
+                )
+            )
+        started = rec.started_at if rec is not None else _now_ms()
+        wait = StepRow(
+            seq,
+            step_name,
+            "task",
+            "pending",
+            codec.encode({"task_id": task_id}),
+            None,
+            1,
+            started,
+            None,
+        )
+        outcome = await self._await(wait, [people.TASK_SIGNAL + task_id], None, tasks=new_tasks)
+        assert isinstance(outcome, Resolved)
+        return form.model_validate(outcome.payload["data"])
+
     def _child_outcome(
         self, seq: int, step_name: str, wdef: registry.WorkflowDef, payload: dict[str, Any]
     ) -> Any:
@@ -601,6 +683,7 @@ class Context:
         deadline: int | None,
         children: list[NewRun] | None = None,
         losers: dict[str, str] | None = None,
+        tasks: Sequence[people.NewTask] = (),
     ) -> base.AwaitOutcome:
         rows, versions = self._take_buffer()
         run_id, owner = self.run_id, self._owner
@@ -608,7 +691,7 @@ class Context:
         try:
             outcome: base.AwaitOutcome = await self._rt.writer.submit(
                 lambda tx: tx.await_(
-                    run_id, owner, rows, versions, wait, signals, deadline, kids, losers
+                    run_id, owner, rows, versions, wait, signals, deadline, kids, losers, tasks
                 )
             )
         except Fenced as exc:

@@ -23,6 +23,7 @@ from flowdesk import codec, errors
 from flowdesk.engine import context as context_mod
 from flowdesk.engine import schedules
 from flowdesk.store.base import Claimed, Fenced, RunStatus, Tx
+from flowdesk.store.people import Escalated
 
 if TYPE_CHECKING:
     from flowdesk.engine.app import App
@@ -246,8 +247,28 @@ class Worker:
                 if time.monotonic() - last_overdue >= 1.0:
                     last_overdue = time.monotonic()
                     await self._cancel_overdue()
+                    await self._escalate_due()
+                    for hook in app.upkeep_hooks:
+                        await hook()
             except Exception:
-                log.exception("schedule or deadline check failed; trying again")
+                log.exception("schedule, deadline or escalation check failed; trying again")
+
+    async def _escalate_due(self) -> None:
+        """Fire the escalations whose time has come. The store applies each at most once
+        (it checks the task's escalation level), whichever worker gets there first."""
+        app = self.app
+        for task_id, level in await app.store.due_escalations():
+            done: Escalated | None = await app.submit(
+                lambda tx, t=task_id, lv=level: tx.escalate_task(t, lv),  # type: ignore[misc]
+                actor="system:escalation",
+            )
+            if done is None:
+                continue
+            app.wake()
+            try:
+                await app.notifier(done)
+            except Exception:
+                log.exception("notifier failed for the escalation of task %s", task_id)
 
     async def _cancel_overdue(self) -> None:
         async def op(tx: Tx) -> list[str]:

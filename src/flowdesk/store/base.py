@@ -47,7 +47,7 @@ class RunStatus(enum.StrEnum):
 
 _FINISHED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
 
-StepKind = Literal["step", "sleep", "signal", "child", "now", "any"]
+StepKind = Literal["step", "sleep", "signal", "child", "now", "any", "task"]
 StepStatus = Literal["ok", "error", "pending"]
 
 
