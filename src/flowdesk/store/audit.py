@@ -32,10 +32,13 @@ ACTOR: contextvars.ContextVar[str] = contextvars.ContextVar("flowdesk_actor", de
 is built, and written into its audit records."""
 
 
+_canonical = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
+
+
 def canonical(value: Any) -> bytes:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return _canonical(value).encode("utf-8")
 
 
 def digest(text: str | None) -> str | None:
@@ -110,7 +113,7 @@ def chain(
     seq = head_seq
     for e in events:
         seq += 1
-        data_text = canonical(e.data).decode("utf-8")
+        data_text = _canonical(e.data)
         dh = hashlib.sha256(data_text.encode("utf-8")).hexdigest()
         h = record_hash(seq, at, e.actor, e.action, e.subject, dh, prev)
         rows.append((seq, at, e.actor, e.action, e.subject, data_text, dh, prev, h))
