@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from flowdesk import errors
 from flowdesk.store.people import Escalated
@@ -111,7 +111,12 @@ class Escalation:
                 if isinstance(self.decision, BaseModel)
                 else self.decision
             )
-            decision = form.model_validate(raw).model_dump(mode="json")
+            try:
+                decision = form.model_validate(raw).model_dump(mode="json")
+            except ValidationError as exc:
+                raise errors.ConfigurationError(
+                    f"The auto_decide default does not fit the form {form.__name__}: {exc}"
+                ) from None
         if self.action == "reassign" and not (self.users or self.groups or self.to_manager):
             raise errors.ConfigurationError(
                 "A reassign escalation needs users, groups or to_manager=True."

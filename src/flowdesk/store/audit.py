@@ -28,8 +28,10 @@ RECORD_PREFIX = b"\x00"
 CHECKPOINT_PREFIX = b"\x01"
 
 ACTOR: contextvars.ContextVar[str] = contextvars.ContextVar("flowdesk_actor", default="system")
-"""Who is acting: set by the API for each request (``user:alice``), read when an operation
-is built, and written into its audit records."""
+"""Who is acting: the user id, set by the API for each request (``alice``), or
+``system``/``system:<job>``; read when an operation is built, written into its audit
+records, and stored as a run's initiator (the four-eyes rule compares it with the user
+completing a task)."""
 
 
 _canonical = json.JSONEncoder(
