@@ -3,6 +3,9 @@
 Every command takes ``--app module:attr`` (or ``path/to/file.py:attr``; default
 ``$FLOWDESK_APP``) and ``--database-url`` (default ``$FLOWDESK_DATABASE_URL``, else the
 app's, else ``sqlite:///flowdesk.db``). Read commands take ``--json``.
+
+Runs, schedules, workers and the schema are here; users, tokens, human tasks, the audit
+chain, retention and ``serve`` are in `flowdesk.cli_people`.
 """
 
 from __future__ import annotations
@@ -512,6 +515,11 @@ def db_upgrade(app: AppOpt = None, database_url: DbOpt = None) -> None:
     dialect = "postgres" if not url.startswith("sqlite") and not url.endswith(".db") else "sqlite"
     version = migrations.latest(dialect)
     typer.echo(f"schema at version {version} ({dialect})")
+
+
+# Users, tokens, tasks, audit, retention and serve live in cli_people, which registers them
+# on `cli`; imported last, as it uses the helpers above.
+import flowdesk.cli_people  # noqa: E402, F401
 
 
 def main() -> None:

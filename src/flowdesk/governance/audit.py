@@ -89,7 +89,10 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     data = path.read_bytes()
     if b"PRIVATE KEY" in data:
         return load_or_create_key(path)[0].public_key()
-    key = serialization.load_pem_public_key(data)
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise errors.ConfigurationError(f"{path} is not a PEM public key: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise errors.ConfigurationError(f"{path} holds a key that is not Ed25519.")
     return key
@@ -183,7 +186,10 @@ class _Walk:
                     if seq > self.expected + 1
                     else f"record {self.expected} is missing (deleted)",
                 )
-            if data is not None and sha(data.encode("utf-8")).hexdigest() != data_hash:
+            if data is None:
+                # Records hold digests, never payloads, so nothing ever clears their data.
+                self.problem(seq, "data_altered", f"record {seq}: its data was removed")
+            elif sha(data.encode("utf-8")).hexdigest() != data_hash:
                 self.problem(seq, "data_altered", f"record {seq}: data does not match data_hash")
             if prev_hash != self.prev:
                 self.problem(
@@ -216,6 +222,20 @@ class AuditLog:
         if self._key is None:
             self._key, _ = load_or_create_key(self.key_file)
         return self._key
+
+    def public_key(self) -> Ed25519PublicKey:
+        """The key checkpoints are verified with: the public half of the key file (a public
+        key file will do). Never creates a key: checking with a new key would only report
+        every checkpoint as signed by an unknown key."""
+        if self._key is not None:
+            return self._key.public_key()
+        if not self.key_file.exists():
+            raise errors.ConfigurationError(
+                f"The audit chain has signed checkpoints but there is no key file "
+                f"{self.key_file} to check them with: pass the key file that signed them "
+                f"(or its public key), e.g. --key-file or ${KEY_ENV}."
+            )
+        return load_public_key(self.key_file)
 
     # -- checkpoints -------------------------------------------------------------------
     async def checkpoint(self) -> Checkpoint | None:
@@ -294,7 +314,7 @@ class AuditLog:
             )
         if cps:
             if public_key is None:
-                public_key = self.signing_key().public_key()
+                public_key = self.public_key()
             kid = key_id(public_key)
             for cp in cps:
                 report.checkpoints += 1

@@ -28,3 +28,20 @@ async def purge(app: App, older_than: timedelta, *, batch: int = 500) -> list[st
         purged += ids
         if len(ids) < batch:
             return purged
+
+
+def install(app: App, older_than: timedelta, *, every: timedelta = timedelta(hours=1)) -> None:
+    """Have the app's workers purge old payloads about every ``every`` (a configured
+    retention age: each worker checks, the purge itself is idempotent)."""
+    if older_than <= timedelta(0):
+        raise errors.ConfigurationError("Retention needs a positive age (older_than).")
+    period_ms = int(every.total_seconds() * 1000)
+    last = [0]
+
+    async def hook() -> None:
+        now = base.now_ms()
+        if now - last[0] >= period_ms:
+            last[0] = now
+            await purge(app, older_than)
+
+    app.upkeep_hooks.append(hook)

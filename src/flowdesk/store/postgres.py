@@ -91,6 +91,17 @@ class _Tx(sql_people.PeopleTx):
         async with self.c.cursor() as cur:
             await cur.executemany(self.dialect.prepare(text), rows)
 
+    async def _append_audit(self, rows: list[tuple[Any, ...]]) -> None:
+        # One round trip for any number of records: the rows travel as arrays.
+        cols = list(zip(*rows, strict=True))
+        await self.c.execute(
+            "WITH appended AS (INSERT INTO audit (seq, at, actor, action, subject, data,"
+            " data_hash, prev_hash, hash) SELECT * FROM unnest(%s::bigint[], %s::bigint[],"
+            " %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
+            " %s::text[])) UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1",
+            (*[list(c) for c in cols], rows[-1][0], rows[-1][8]),
+        )
+
     async def _lock_queue(self, name: str) -> None:
         await self.c.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("queue:" + name,))
 

@@ -209,6 +209,10 @@ class SqlTx(base.Tx):
             raise errors.StoreError("The audit chain has no head row: the schema is damaged.")
         rows = audit.chain(self.events, int(head[0]), str(head[1]), self.now)
         self.events = []
+        await self._append_audit(rows)
+
+    async def _append_audit(self, rows: list[tuple[Any, ...]]) -> None:
+        """Insert chained audit rows and move the head to the last one."""
         await self._many(
             "INSERT INTO audit (seq, at, actor, action, subject, data, data_hash, prev_hash,"
             " hash) VALUES (?,?,?,?,?,?,?,?,?)",

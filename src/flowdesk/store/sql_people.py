@@ -251,6 +251,8 @@ class PeopleTx(sql.SqlTx):
         target = await self._one("SELECT disabled FROM users WHERE id = ?", (to_user,))
         if target is None or target[0]:
             raise errors.NotFound(f"No active user {to_user!r} to delegate task {task_id} to.")
+        # As for a claim: a four-eyes task never goes to the one person who cannot complete it.
+        self._four_eyes(task_id, row, to_user)
         cands = json.loads(row[0])
         if to_user not in cands.setdefault("users", []):
             cands["users"].append(to_user)
@@ -304,8 +306,8 @@ class PeopleTx(sql.SqlTx):
                 current = [row[1]] if row[1] else json.loads(row[0]).get("users", [])
                 for user in current:
                     m = await self._one("SELECT manager FROM users WHERE id = ?", (user,))
-                    if m is not None and m[0]:
-                        cands["users"].append(m[0])
+                    if m is not None and m[0] and m[0] not in cands["users"]:
+                        cands["users"].append(m[0])  # once, however many report to them
             if not cands["users"] and not cands["groups"]:
                 reason += " (no one to reassign to: candidates kept)"
                 cands = json.loads(row[0])
@@ -317,7 +319,14 @@ class PeopleTx(sql.SqlTx):
             )
             await self._set_candidates(task_id, cands)
         elif action == "notify":
-            to = [row[1]] if row[1] else json.loads(row[0]).get("users", [])
+            now_cands = json.loads(row[0])
+            to = (
+                [row[1]]
+                if row[1]
+                else now_cands.get("users", [])
+                + ["group:" + g for g in now_cands.get("groups", [])]
+                + ["role:" + r for r in now_cands.get("roles", [])]
+            )
         elif action == "auto_decide":
             await self.complete_task(
                 task_id,
@@ -531,6 +540,12 @@ class PeopleStore(sql.SqlStore):
             )
             params.append(self._list(who.groups))
         if q.status:
+            unknown = sorted(set(q.status) - set(TaskStatus._value2member_map_))
+            if unknown:
+                raise errors.FlowdeskError(
+                    f"Unknown task status {', '.join(map(repr, unknown))}: use one of "
+                    f"{', '.join(s.value for s in TaskStatus)}."
+                )
             where.append("status" + sql.IN_LIST)
             params.append(self._list([TaskStatus(s).value for s in q.status]))
         if q.kind is not None:
