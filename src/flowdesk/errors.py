@@ -12,6 +12,7 @@ The tree::
     │   └── TaskNotFound            no human task has that id
     ├── InvalidInput                input failed the workflow's input model
     ├── InvalidForm                 task form data failed the form's JSON Schema
+    ├── InvalidCursor               a pagination cursor no page returned
     ├── Conflict                    the thing to create already exists
     ├── Unauthenticated             no credential, or an expired, revoked or forged one
     ├── PermissionDenied            the user may not do this
@@ -113,6 +114,10 @@ class InvalidForm(FlowdeskError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.task_id, self.errors))
+
+
+class InvalidCursor(FlowdeskError):
+    """The pagination cursor was not one a page returned."""
 
 
 class Conflict(FlowdeskError):

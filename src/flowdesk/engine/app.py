@@ -437,6 +437,11 @@ class App:
     async def signal(self, run_id: str, name: str, payload: Any = None) -> None:
         """Send a signal; a run that waits for it wakes. Raises `RunNotFound` for an unknown
         run and `InvalidState` for a finished one."""
+        if name.startswith("flowdesk."):
+            raise errors.ConfigurationError(
+                f"Signal names starting with 'flowdesk.' are the engine's own ({name!r}): "
+                "complete tasks through the inbox, and choose another name."
+            )
         await self.open()
         encoded = codec.encode(payload, f"payload of signal {name!r}")
         await self.submit(lambda tx: tx.signal(run_id, name, encoded))

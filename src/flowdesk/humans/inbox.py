@@ -9,7 +9,6 @@ are privileged.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,6 +105,6 @@ class Inbox:
     async def save_draft(self, task_id: str, who: Person, draft: Any) -> TaskRecord:
         """Keep what the person typed so far (not validated: a draft may be incomplete)."""
         await self.get(task_id, who)
-        encoded = json.dumps(draft)
+        encoded = codec.encode(draft, f"draft of task {task_id}")
         await self.app.submit(lambda tx: tx.save_draft(task_id, who, encoded), actor=who.id)
         return await self.get(task_id, who)

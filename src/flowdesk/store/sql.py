@@ -1023,9 +1023,12 @@ def encode_cursor(created_at: int, run_id: str) -> str:
 def decode_cursor(cursor: str) -> tuple[int, str]:
     try:
         created, run_id = base64.urlsafe_b64decode(cursor.encode()).decode().split(":", 1)
-        return int(created), run_id
+        value = int(created)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise errors.FlowdeskError(f"Invalid cursor {cursor!r}.") from exc
+        raise errors.InvalidCursor(f"Invalid cursor {cursor!r}: pass one a page returned.") from exc
+    if not 0 <= value < 2**63 or "\x00" in run_id:
+        raise errors.InvalidCursor(f"Invalid cursor {cursor!r}: pass one a page returned.")
+    return value, run_id
 
 
 def input_hash(encoded_input: str) -> str:

@@ -1,0 +1,191 @@
+"""The FastAPI application: `create_app` builds it for an `App`, `serve` runs it.
+
+Errors become JSON ``{"error": <class name>, "message": ..., "errors": [...]}`` with the
+status of their kind (`STATUS`); request validation failures use the same body (422).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import flowdesk
+from flowdesk import errors
+from flowdesk.engine.app import App
+from flowdesk.governance import audit as audit_log
+from flowdesk.governance import identity as ident
+from flowdesk.humans import inbox as inbox_mod
+from flowdesk.server import api, schemas
+
+log = logging.getLogger("flowdesk.server")
+
+STATUS: tuple[tuple[type[errors.FlowdeskError], int], ...] = (
+    (errors.NotFound, 404),  # RunNotFound, TaskNotFound, UnknownWorkflow
+    (errors.InvalidInput, 422),
+    (errors.InvalidForm, 422),
+    (errors.SerializationError, 422),
+    (errors.InvalidCursor, 422),
+    (errors.IdempotencyConflict, 409),
+    (errors.Conflict, 409),
+    (errors.InvalidState, 409),
+    (errors.PermissionDenied, 403),  # FourEyesViolation
+    (errors.Unauthenticated, 401),
+    (errors.ConfigurationError, 400),
+    (errors.StoreError, 503),
+)
+"""HTTP status of each kind of flowdesk error (first match wins; others: 400)."""
+
+
+def status_of(exc: errors.FlowdeskError) -> int:
+    return next((code for kind, code in STATUS if isinstance(exc, kind)), 400)
+
+
+def _details(exc: errors.FlowdeskError) -> list[schemas.ErrorDetail] | None:
+    if isinstance(exc, errors.InvalidForm):
+        return [
+            schemas.ErrorDetail(
+                field=str(e.get("field") or ""),
+                message=str(e.get("message") or ""),
+                type=None if e.get("type") is None else str(e.get("type")),
+            )
+            for e in exc.errors
+        ]
+    if isinstance(exc, errors.InvalidInput):
+        return [
+            schemas.ErrorDetail(
+                field=".".join(str(p) for p in e.get("loc", ())),
+                message=str(e.get("msg") or ""),
+                type=None if e.get("type") is None else str(e.get("type")),
+            )
+            for e in exc.errors
+        ]
+    return None
+
+
+def _json(body: schemas.ErrorBody, status: int, headers: Mapping[str, str] | None = None) -> Any:
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+async def flowdesk_error(request: Request, exc: Exception) -> JSONResponse:
+    """The one mapping of flowdesk errors to HTTP."""
+    assert isinstance(exc, errors.FlowdeskError)
+    status = status_of(exc)
+    if status >= 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, exc)
+    body = schemas.ErrorBody(error=type(exc).__name__, message=exc.message, errors=_details(exc))
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    response: JSONResponse = _json(body, status, headers)
+    return response
+
+
+async def request_invalid(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's own validation of paths, queries, headers and bodies, in our error body."""
+    assert isinstance(exc, RequestValidationError)
+    details = [
+        schemas.ErrorDetail(
+            field=".".join(str(p) for p in e.get("loc", ())),
+            message=str(e.get("msg", "")),
+            type=str(e.get("type", "")) or None,
+        )
+        for e in exc.errors()
+    ]
+    summary = "; ".join(f"{d.field or '(request)'}: {d.message}" for d in details[:5])
+    body = schemas.ErrorBody(
+        error="InvalidRequest", message=f"Invalid request: {summary}", errors=details
+    )
+    response: JSONResponse = _json(body, 422)
+    return response
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Unknown paths, wrong methods and the like, in our error body."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:  # a body that is not even text (FastAPI's own check)
+        body = schemas.ErrorBody(error="InvalidRequest", message=f"Invalid request: {exc.detail}")
+        invalid: JSONResponse = _json(body, 422)
+        return invalid
+    names = {404: "NotFound", 405: "MethodNotAllowed"}
+    body = schemas.ErrorBody(error=names.get(exc.status_code, "HTTPError"), message=exc.detail)
+    response: JSONResponse = _json(body, exc.status_code, exc.headers)
+    return response
+
+
+async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+    body = schemas.ErrorBody(error="InternalError", message="Internal server error.")
+    response: JSONResponse = _json(body, 500)
+    return response
+
+
+def create_app(
+    app: App, *, audit: audit_log.AuditLog | None = None, worker: bool = False
+) -> FastAPI:
+    """The REST API of ``app``.
+
+    The server opens ``app`` when it starts and closes it when it stops. With ``worker``,
+    it also runs a worker in the same process for its whole life, and that worker signs
+    audit checkpoints (`AuditLog.install`). ``audit`` defaults to ``AuditLog(app)``.
+    """
+    audit = audit or audit_log.AuditLog(app)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await app.open()
+        try:
+            if not worker:
+                yield
+                return
+            before = list(app.upkeep_hooks)
+            audit.install()
+            added = [h for h in app.upkeep_hooks if h not in before]
+            try:
+                async with app.worker():
+                    yield
+            finally:
+                for hook in added:
+                    app.upkeep_hooks.remove(hook)
+        finally:
+            await app.close()
+
+    api_app = FastAPI(
+        title="flowdesk",
+        version=flowdesk.__version__,
+        description=(
+            "Durable workflows with human tasks and an audit chain. Authenticate with "
+            "`Authorization: Bearer <token>`."
+        ),
+        lifespan=lifespan,
+    )
+    api_app.state.flowdesk = api.Services(
+        app=app, identity=ident.Identity(app), inbox=inbox_mod.Inbox(app), audit=audit
+    )
+    api_app.add_exception_handler(errors.FlowdeskError, flowdesk_error)
+    api_app.add_exception_handler(RequestValidationError, request_invalid)
+    api_app.add_exception_handler(StarletteHTTPException, http_error)
+    api_app.add_exception_handler(Exception, unexpected)
+    api_app.include_router(api.router)
+    return api_app
+
+
+def serve(
+    app: App,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    worker: bool = True,
+    audit: audit_log.AuditLog | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve the REST API of ``app`` (with an embedded worker unless ``worker=False``) until
+    interrupted (Ctrl-C or SIGTERM: the worker finishes in-flight work, then stops)."""
+    uvicorn.run(
+        create_app(app, audit=audit, worker=worker), host=host, port=port, log_level=log_level
+    )
