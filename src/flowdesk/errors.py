@@ -17,6 +17,10 @@ The tree::
     ├── Unauthenticated             no credential, or an expired, revoked or forged one
     ├── PermissionDenied            the user may not do this
     │   └── FourEyesViolation       the requester tried to approve their own work
+    ├── ModelError                  a model call failed (the gateway may fall back)
+    │   ├── ProviderUnavailable     timeout, connection error, 5xx, 429, open circuit
+    │   ├── BadModelAnswer          the provider's answer did not parse
+    │   └── BudgetExceeded          a cost budget or rate limit refuses the call
     ├── SerializationError          a value cannot be stored as JSON
     ├── IdempotencyConflict         an idempotency key was reused for other work
     ├── InvalidState                the run's status does not allow the operation
@@ -135,6 +139,29 @@ class PermissionDenied(FlowdeskError):
 
 class FourEyesViolation(PermissionDenied):
     """The person who requested the work cannot also approve it."""
+
+
+class ModelError(FlowdeskError):
+    """A model call failed."""
+
+
+class ProviderUnavailable(ModelError):
+    """The provider did not answer in time, refused (429/5xx), or its circuit is open."""
+
+    def __init__(self, message: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.retry_after))
+
+
+class BadModelAnswer(ModelError):
+    """The provider answered something that does not parse as the expected answer."""
+
+
+class BudgetExceeded(ModelError):
+    """A cost budget or a rate limit refuses this call."""
 
 
 class InvalidInput(FlowdeskError):
