@@ -1,24 +1,38 @@
-"""A small order-fulfilment app: charge, wait for approval, ship in a child workflow.
+"""A small order-fulfilment app: charge, ask a person to approve big orders, ship in a
+child workflow.
 
-Run it with a worker and a stream of sample orders (what ``make run`` does)::
+``python examples/orders.py`` (what ``make run`` does) serves the REST API on
+http://127.0.0.1:8000 with an embedded worker, feeds it sample orders, and plays a demo
+approver who answers the approval tasks in the inbox. It creates users on first start
+(``admin``, ``omar`` the operator, ``dana`` the approver) and writes an admin API token to
+``.flowdesk-admin-token``::
 
-    python examples/orders.py
+    curl -H "Authorization: Bearer $(cat .flowdesk-admin-token)" localhost:8000/tasks
 
 or point the CLI at it from another terminal::
 
-    flowdesk worker --app examples/orders.py:app
-    flowdesk start orders.fulfil --app examples/orders.py:app --input '{"order_id": "A1"}'
     flowdesk runs list
+    flowdesk tasks list --user dana
+    flowdesk audit verify
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
-import signal
 from datetime import timedelta
+from pathlib import Path
+
+import uvicorn
+from pydantic import BaseModel, Field
 
 import flowdesk
+from flowdesk.governance.audit import AuditLog
+from flowdesk.governance.identity import Identity
+from flowdesk.humans.inbox import Inbox
+from flowdesk.server.app import create_app
+from flowdesk.store import audit
 
 app = flowdesk.App()
 
@@ -48,6 +62,13 @@ async def ship(ctx: flowdesk.Context, order_id: str) -> str:
     return await ctx.step(book_courier, order_id)
 
 
+class OrderApproval(BaseModel):
+    """The form the approver fills in."""
+
+    approved: bool
+    note: str = Field(default="", max_length=500)
+
+
 @app.workflow("orders.fulfil")
 async def fulfil(
     ctx: flowdesk.Context, order_id: str, amount: float = 10.0, items: int = 1
@@ -56,48 +77,110 @@ async def fulfil(
         return {"order_id": order_id, "status": "out of stock"}
     receipt = await ctx.step(charge, order_id, amount)
     if amount > 100:
-        # Large orders wait for a person: `flowdesk signal RUN_ID approved --payload true`
-        approved = await ctx.wait_signal("approved", timeout=timedelta(days=3))
-        if not approved:
-            return {"order_id": order_id, "status": "rejected"}
+        # Large orders wait for a person in the finance group (not the one who asked).
+        decision = await ctx.human_task(
+            "order-approval",
+            title=f"Approve order {order_id} for {amount:.2f} EUR",
+            form=OrderApproval,
+            context={"order_id": order_id, "amount": amount, "charge": receipt},
+            candidates=flowdesk.Assignees(groups=["finance"]),
+            due=timedelta(minutes=10),
+            escalation=[
+                flowdesk.Escalation.notify(reason="still waiting for finance"),
+                flowdesk.Escalation.auto_decide(
+                    OrderApproval(approved=False, note="no decision in time"),
+                    after=timedelta(hours=1),
+                    reason="not approved within an hour of its due time",
+                ),
+            ],
+            four_eyes=True,
+        )
+        if not decision.approved:
+            return {"order_id": order_id, "status": "rejected", "note": decision.note}
     await ctx.sleep(timedelta(seconds=1))  # a durable pause: survives restarts
     tracking = await ctx.child("orders.ship", {"order_id": order_id})
     return {"order_id": order_id, "status": "shipped", "receipt": receipt, "tracking": tracking}
 
 
-async def demo() -> None:
-    """A worker plus a feed of sample orders; big orders are approved a moment later."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with app, app.worker(concurrency=50):
-        print(f"flowdesk demo on {app.database_url}: a worker and sample orders (Ctrl-C stops)")
-        print("inspect it from another terminal: flowdesk runs list")
-        n = 0
-        watching: list[flowdesk.RunHandle] = []
-        while not stop.is_set():
-            n += 1
-            amount = round(random.uniform(5, 150), 2)
-            handle = await app.start(
+TOKEN_FILE = Path(".flowdesk-admin-token")
+
+
+async def bootstrap() -> None:
+    """Users for the demo, and an admin token on disk (first start only)."""
+    identity = Identity(app)
+    known = {u.id for u in await identity.list_users()}
+    for user, roles, groups in (
+        ("admin", ["admin"], []),
+        ("omar", ["operator"], ["ops"]),
+        ("dana", ["approver"], ["finance"]),
+    ):
+        if user not in known:
+            await identity.create_user(user, roles=roles, groups=groups)
+    if not _token_saved():
+        _, secret = await identity.create_token("admin", name="demo")
+        _save_token(secret)
+
+
+def _token_saved() -> bool:
+    return TOKEN_FILE.exists()
+
+
+def _save_token(secret: str) -> None:
+    fd = os.open(TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+
+
+async def feed(stop: asyncio.Event) -> None:
+    """Sample orders, started by omar; dana answers the approval tasks a moment later."""
+    dana = (await Identity(app).get_user("dana")).person()
+    inbox = Inbox(app)
+    n = 0
+    while not stop.is_set():
+        n += 1
+        amount = round(random.uniform(5, 150), 2)
+        token = audit.ACTOR.set("omar")  # as if omar called the API
+        try:
+            await app.start(
                 "orders.fulfil",
                 {"order_id": f"O{n:05d}", "amount": amount, "items": n % 7},
-                idempotency_key=f"demo-{app.database_url}-{n}-{random.random()}",
+                idempotency_key=f"demo-{random.getrandbits(64):x}",
             )
-            watching.append(handle)
-            for h in list(watching):
-                run = await app.get_run(h.id)
-                if run.status == flowdesk.RunStatus.WAITING and "approved" in run.waiting_for:
-                    await app.signal(h.id, "approved", True)
-                    print(f"  {h.id} approved by the demo approver")
-                elif run.status.finished:
-                    watching.remove(h)
-                    print(f"  {h.id} {run.status.value}: {run.output or run.error}")
-            try:
-                await asyncio.wait_for(stop.wait(), 1.0)
-            except TimeoutError:
-                pass
+        finally:
+            audit.ACTOR.reset(token)
+        for task in (await inbox.tasks(dana, status=["open"], limit=20)).items:
+            approve = random.random() < 0.8
+            note = "fine" if approve else "too expensive"
+            await inbox.complete(task.id, dana, {"approved": approve, "note": note})
+            print(f"  dana {'approved' if approve else 'rejected'} {task.title}")
+        try:
+            await asyncio.wait_for(stop.wait(), 2.0)
+        except TimeoutError:
+            pass
+
+
+async def demo() -> None:
+    """The API server with an embedded worker, plus the sample feed, until Ctrl-C."""
+    await bootstrap()
+    api = create_app(app, audit=AuditLog(app, every=500), worker=True)
+    port = int(os.environ.get("FLOWDESK_PORT", "8000"))
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
+    stop = asyncio.Event()
+    print(f"flowdesk on {app.database_url}: API on http://127.0.0.1:{port} (docs at /docs)")
+    print(f"admin API token in {TOKEN_FILE}; Ctrl-C stops")
+    serving = asyncio.create_task(server.serve())
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    feeder = asyncio.create_task(feed(stop))
+    try:
+        await serving  # uvicorn stops on Ctrl-C / SIGTERM and shuts the worker down
+    finally:
+        stop.set()
+        feeder.cancel()
 
 
 if __name__ == "__main__":
-    asyncio.run(demo())
+    try:
+        asyncio.run(demo())
+    except KeyboardInterrupt:
+        print("stopped; the database keeps every run: flowdesk runs list")

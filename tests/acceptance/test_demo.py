@@ -1,0 +1,84 @@
+"""What `make run` starts (examples/orders.py), as a newcomer would use it: the API answers,
+sample orders flow through it, a person's approvals resume runs, the audit chain verifies,
+and Ctrl-C stops it cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .conftest import FLOWDESK, Procs
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "orders.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _poll(check: Any, what: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_demo_serves_the_api_with_work_flowing_and_stops_cleanly(
+    tmp_path: Path, procs: Procs
+) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWDESK_")}
+    env["FLOWDESK_PORT"] = str(port)
+    demo = procs.spawn([sys.executable, str(EXAMPLE)], env=env, cwd=tmp_path, name="demo")
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert demo.alive(), demo.describe()
+        try:
+            return httpx.get(base + "/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    _poll(healthy, "the API to answer")
+    token_file = tmp_path / ".flowdesk-admin-token"
+    token = _poll(lambda: token_file.exists() and token_file.read_text().strip(), "the token")
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    auth = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(base + "/runs", timeout=5).status_code == 401
+
+    def approved_and_finished() -> bool:
+        runs = httpx.get(base + "/runs", params={"limit": 200}, headers=auth, timeout=5).json()
+        done = [r for r in runs["items"] if r["workflow"] == "orders.fulfil" and r["output"]]
+        tasks = httpx.get(
+            base + "/tasks", params={"status": "completed"}, headers=auth, timeout=5
+        ).json()
+        return bool(done) and bool(tasks["items"])
+
+    _poll(approved_and_finished, "a finished order and a completed approval task", 90)
+    task = httpx.get(base + "/tasks", params={"status": "completed"}, headers=auth).json()
+    assert task["items"][0]["completed_by"] == "dana"
+
+    os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C
+    assert demo.popen.wait(timeout=30) == 0, demo.describe()
+    assert "Traceback" not in demo.stderr(), demo.describe()
+
+    verify = procs.run(
+        [*FLOWDESK, "audit", "verify", "--database-url", f"sqlite:///{tmp_path / 'flowdesk.db'}"],
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "audit chain OK" in verify.stdout
