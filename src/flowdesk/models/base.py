@@ -73,6 +73,7 @@ class Answer(BaseModel):
     text: str | None = None
     confidence: float | None = None
     scores: dict[str, float] | None = None
+    embedding: list[float] | None = None  # capability "embed"
     model: str
     version: str
     provider: str

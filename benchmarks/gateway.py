@@ -1,0 +1,223 @@
+"""Model gateway benchmark: what the gateway itself adds to a model call.
+
+    python benchmarks/gateway.py [--calls 20000]
+
+The model is an in-process provider that answers at once, so what is timed is the
+gateway's own work: task lookup, hint checks, routing, version choice, the provider's
+guards (breaker, timeout scope), cost, building the `Answer`, and the cache. Each figure
+is per call, from ``time.perf_counter_ns`` around one awaited call, after a warm-up:
+
+* direct: ``await provider.infer(request)`` (the floor);
+* gateway, cache off: ``await gateway.ask(task, text)`` on a task with ``cache_ttl_s = 0``;
+* gateway, cache hit: the same input asked again (the LRU answers);
+* gateway, cache off, one interceptor: a pass-through interceptor in the pipeline;
+* redaction: what `pii.Redactor.redact` costs on a ~300-character ticket (paid only when
+  a chain reaches an external provider);
+
+and the overhead, gateway p50 minus direct p50 (target: under 0.2 ms).
+
+The last section, local-classifier throughput with and without micro-batching at 64
+concurrent callers, runs once ``flowdesk.models.local`` exists (see `local_throughput`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from flowdesk.models import base, config, pii
+from flowdesk.models.gateway import CallNext, CallOutcome, Gateway, ModelCall
+
+LABELS = ["billing", "technical", "account", "other"]
+TICKET = (
+    "Hello, my invoice for March shows the annual plan twice and my card was charged two "
+    "times. Please refund the second charge to the card ending 1111 or to my account. "
+    "You can reach me at jane.roe@example.org or +1 415-555-2671. Thanks, Jane"
+)
+
+
+class Instant(base.Provider):
+    """Answers at once, as a model that costs nothing would."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def infer(self, request: base.ModelRequest) -> base.ProviderResult:
+        return base.ProviderResult(
+            model=request.model,
+            version=request.version or "1",
+            label=request.labels[0],
+            confidence=0.93,
+            tokens_in=40,
+            tokens_out=3,
+        )
+
+
+def make_config(cache_ttl: float) -> config.GatewayConfig:
+    return config.GatewayConfig.parse(
+        {
+            "providers": {"instant": {"type": "python"}},
+            "models": {"clf": {"provider": "instant", "model": "clf", "version": "1"}},
+            "tasks": {
+                "ticket": {
+                    "capability": "classify",
+                    "labels": LABELS,
+                    "chain": ["clf"],
+                    "confidence_threshold": 0.5,
+                    "cache_ttl_s": cache_ttl,
+                }
+            },
+        }
+    )
+
+
+async def timed(fn: Callable[[], Awaitable[Any]], calls: int) -> list[float]:
+    """Microseconds per call."""
+    for _ in range(min(2000, calls)):
+        await fn()
+    out = []
+    for _ in range(calls):
+        t0 = time.perf_counter_ns()
+        await fn()
+        out.append((time.perf_counter_ns() - t0) / 1000)
+    return out
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def report(name: str, values: list[float]) -> float:
+    p50, p99, mean = pct(values, 50), pct(values, 99), statistics.mean(values)
+    print(f"  {name:<38} p50 {p50:8.1f} us   p99 {p99:8.1f} us   mean {mean:8.1f} us")
+    return p50
+
+
+async def passthrough(call: ModelCall, next: CallNext) -> CallOutcome:
+    return await next(call)
+
+
+async def overhead(calls: int) -> None:
+    provider = Instant("instant")
+    request = base.ModelRequest(
+        task="ticket",
+        capability="classify",
+        text=TICKET,
+        model="clf",
+        version="1",
+        labels=tuple(LABELS),
+    )
+    print(f"gateway overhead per call ({calls} calls each, in-process model)")
+    direct = report("direct provider.infer", await timed(lambda: provider.infer(request), calls))
+
+    async with Gateway(make_config(0), providers={"instant": provider}) as gw:
+        uncached = report(
+            "gateway, cache off", await timed(lambda: gw.ask("ticket", TICKET), calls)
+        )
+    async with Gateway(make_config(3600), providers={"instant": provider}) as gw:
+        report("gateway, cache hit", await timed(lambda: gw.ask("ticket", TICKET), calls))
+        hit_rate = gw.stats()["cache"]["hit_rate"]
+    async with Gateway(
+        make_config(0), providers={"instant": provider}, interceptors=[passthrough]
+    ) as gw:
+        report(
+            "gateway, cache off, 1 interceptor",
+            await timed(lambda: gw.ask("ticket", TICKET), calls),
+        )
+    redactor = pii.Redactor(phone_regions=["US"])
+
+    async def redact() -> None:
+        redactor.redact(TICKET)
+
+    report(f"redaction ({len(TICKET)} chars)", await timed(redact, max(200, calls // 20)))
+    print(f"  cache hit rate in the cache-hit run: {hit_rate:.4f}")
+    print(f"  overhead (gateway cache off p50 - direct p50): {(uncached - direct) / 1000:.4f} ms")
+
+
+# ---------------------------------------------------------------------------------------
+# LOCAL CLASSIFIER THROUGHPUT (with / without micro-batching, 64 concurrent callers)
+#
+# Runs when flowdesk.models.local is importable. It needs a trained model directory:
+# set FLOWDESK_BENCH_MODELS_DIR and FLOWDESK_BENCH_TASK. `throughput` below is ready;
+# `local_providers` builds the provider twice, batching on and off, through the
+# constructor the gateway uses (name, task, models_dir, **options); the option that
+# turns micro-batching off is passed as FLOWDESK_BENCH_NO_BATCH_OPTION=name=value.
+# ---------------------------------------------------------------------------------------
+
+
+async def throughput(
+    provider: base.Provider, request: base.ModelRequest, callers: int, seconds: float
+) -> float:
+    """Answers per second with ``callers`` concurrent callers for ``seconds``."""
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            await provider.infer(request)
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return done / (time.perf_counter() - started)
+
+
+def local_providers() -> tuple[base.Provider, base.Provider, str] | str:
+    if importlib.util.find_spec("flowdesk.models.local") is None:
+        return "flowdesk.models.local is not importable yet"
+    models_dir = os.environ.get("FLOWDESK_BENCH_MODELS_DIR")
+    task = os.environ.get("FLOWDESK_BENCH_TASK")
+    no_batch = os.environ.get("FLOWDESK_BENCH_NO_BATCH_OPTION", "")
+    if not (models_dir and task and "=" in no_batch):
+        return (
+            "set FLOWDESK_BENCH_MODELS_DIR, FLOWDESK_BENCH_TASK and "
+            "FLOWDESK_BENCH_NO_BATCH_OPTION=name=value"
+        )
+    local = importlib.import_module("flowdesk.models.local")
+    key, _, raw = no_batch.partition("=")
+    value: Any = {"false": False, "true": True}.get(raw.lower(), raw)
+    batched = local.LocalClassifierProvider(name="local", task=task, models_dir=models_dir)
+    single = local.LocalClassifierProvider(
+        name="local", task=task, models_dir=models_dir, **{key: value}
+    )
+    return batched, single, task
+
+
+async def local_throughput(seconds: float) -> None:
+    print("local classifier throughput, 64 concurrent callers")
+    made = local_providers()
+    if isinstance(made, str):
+        print(f"  skipped: {made}")
+        return
+    batched, single, task = made
+    request = base.ModelRequest(
+        task=task, capability="classify", text=TICKET, model=task, labels=tuple(LABELS)
+    )
+    try:
+        for name, provider in (("micro-batching on", batched), ("micro-batching off", single)):
+            rate = await throughput(provider, request, 64, seconds)
+            print(f"  {name:<20} {rate:10.0f} answers/s")
+    finally:
+        await batched.close()
+        await single.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per throughput run")
+    args = parser.parse_args()
+    await overhead(args.calls)
+    await local_throughput(args.seconds)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
