@@ -14,7 +14,6 @@ import asyncio
 import importlib
 import importlib.util
 import json
-import logging
 import os
 import signal
 import sys
@@ -58,6 +57,12 @@ DbOpt = Annotated[
     typer.Option("--database-url", envvar="FLOWDESK_DATABASE_URL", help="Database URL."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+LogFormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--log-format", envvar="FLOWDESK_LOG_FORMAT", help="Log lines as 'json' or 'text'."
+    ),
+]
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -194,18 +199,33 @@ def worker(
         float | None, typer.Option(help="Lease length; a dead worker's runs move after it.")
     ] = None,
     poll_interval: Annotated[float | None, typer.Option(help="Seconds between polls.")] = None,
+    log_format: LogFormatOpt = "text",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(envvar="FLOWDESK_METRICS_PORT", help="Serve GET /metrics on this port."),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(envvar="FLOWDESK_METRICS_HOST", help="Address for --metrics-port.")
+    ] = "127.0.0.1",
 ) -> None:
-    """Run a worker until SIGTERM or Ctrl-C."""
+    """Run a worker until SIGTERM or Ctrl-C. Its metrics, spans (with
+    OTEL_EXPORTER_OTLP_ENDPOINT) and log context are on (`flowdesk.observe`)."""
+    from flowdesk import observe
+
+    try:
+        observe.logs.configure(log_format)
+    except errors.ConfigurationError as exc:
+        _fail(str(exc))
     the_app = _app(app, database_url, required=True)
     if lease_seconds is not None:
         the_app.lease_ms = int(lease_seconds * 1000)
         the_app.heartbeat_interval = lease_seconds / 3
     if poll_interval is not None:
         the_app.poll_interval = poll_interval
-    logging.basicConfig(
-        level=os.environ.get("FLOWDESK_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    try:
+        observed = observe.instrument(the_app)
+    except errors.ConfigurationError as exc:
+        _fail(str(exc))
     w = the_app.worker(
         concurrency=concurrency,
         queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
@@ -221,7 +241,17 @@ def worker(
             f"({len(the_app.registry.workflows)} workflows, concurrency {concurrency})",
             err=True,
         )
-        await w.run()
+        if metrics_port is None or observed.metrics is None:
+            await w.run()
+            return
+        server = await observe.metrics.serve(observed.metrics, metrics_host, metrics_port)
+        address = server.sockets[0].getsockname()
+        typer.echo(f"metrics on http://{address[0]}:{address[1]}/metrics", err=True)
+        try:
+            await w.run()
+        finally:
+            server.close()
+            await server.wait_closed()
 
     _run(the_app, body)
     # Idle step threads end as soon as the pool is shut down; one that is still busy
@@ -519,7 +549,10 @@ def db_upgrade(app: AppOpt = None, database_url: DbOpt = None) -> None:
 
 # Users, tokens, tasks, audit, retention and serve live in cli_people, which registers them
 # on `cli`; imported last, as it uses the helpers above.
+import flowdesk.cli_models  # noqa: E402  (local classifiers: train, eval, list, promote...)
+import flowdesk.cli_models_usage  # noqa: E402  (models usage, flags, drift...)
 import flowdesk.cli_people  # noqa: E402, F401
+from flowdesk import cli_triggers  # noqa: E402, F401  (watch, consume, hooks)
 
 
 def main() -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import logging
-import os
 import re
 import sys
 from datetime import UTC, datetime, timedelta
@@ -22,7 +20,19 @@ from typing import Annotated, Any
 import typer
 
 from flowdesk import errors
-from flowdesk.cli import AppOpt, DbOpt, JsonOpt, _app, _fail, _parse_json, _run, _short, _when, cli
+from flowdesk.cli import (
+    AppOpt,
+    DbOpt,
+    JsonOpt,
+    LogFormatOpt,
+    _app,
+    _fail,
+    _parse_json,
+    _run,
+    _short,
+    _when,
+    cli,
+)
 from flowdesk.engine.app import App
 from flowdesk.governance.audit import AuditLog, Report
 from flowdesk.governance.identity import Identity
@@ -546,13 +556,24 @@ def serve(
     key_file: KeyFileOpt = None,
     app: AppOpt = None,
     database_url: DbOpt = None,
+    log_format: LogFormatOpt = "text",
+    metrics_access: Annotated[
+        str,
+        typer.Option(
+            envvar="FLOWDESK_METRICS_ACCESS",
+            help="Who may GET /metrics: 'local' (loopback clients; others need a token), "
+            "'open' or 'token'.",
+        ),
+    ] = "local",
 ) -> None:
     """Serve the HTTP API, with a worker in the same process unless --no-worker."""
+    from flowdesk.observe import logs
+
+    try:
+        logs.configure(log_format)
+    except errors.ConfigurationError as exc:
+        _fail(str(exc))
     the_app = _app(app, database_url)
-    logging.basicConfig(
-        level=os.environ.get("FLOWDESK_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
     try:
         server = importlib.import_module("flowdesk.server.app")
     except ModuleNotFoundError as exc:
@@ -561,7 +582,15 @@ def serve(
         _fail("this flowdesk has no HTTP server (flowdesk.server.app is missing)")
     audit = AuditLog(the_app, key_file)
     try:
-        result = server.serve(the_app, host=host, port=port, worker=not no_worker, audit=audit)
+        result = server.serve(
+            the_app,
+            host=host,
+            port=port,
+            worker=not no_worker,
+            audit=audit,
+            metrics_access=metrics_access,
+            log_config=None,  # uvicorn's lines go through the handler configured above
+        )
     except errors.FlowdeskError as exc:
         _fail(str(exc))
     if inspect.isawaitable(result):

@@ -4,23 +4,58 @@ The tree::
 
     FlowdeskError
     ├── ConfigurationError          the app or its store is set up wrong
+    │   └── SecretUnavailable       a webhook's secret variable or file is not there
     ├── StoreError                  the database refused or is not flowdesk's
     │   └── SchemaTooNew            the database was written by a newer flowdesk
     ├── NotFound
     │   ├── UnknownWorkflow         no workflow is registered under that name
     │   ├── RunNotFound             no run has that id
-    │   └── TaskNotFound            no human task has that id
+    │   ├── TaskNotFound            no human task has that id
+    │   ├── UnknownModelTask        no model task has that name in the gateway's config
+    │   ├── ModelNotFound           no trained local model (or version) for that task
+    │   └── UnknownHook             no webhook is registered under that name
     ├── InvalidInput                input failed the workflow's input model
     ├── InvalidForm                 task form data failed the form's JSON Schema
     ├── InvalidCursor               a pagination cursor no page returned
     ├── Conflict                    the thing to create already exists
+    │   └── DeliveryConflict        a webhook delivery id (or signed request) came again
+    │                               with another body (or under another delivery id)
     ├── Unauthenticated             no credential, or an expired, revoked or forged one
+    │   ├── BadSignature            a webhook's signature is missing or does not verify
+    │   └── StaleDelivery           a webhook's timestamp is outside the tolerance
     ├── PermissionDenied            the user may not do this
     │   └── FourEyesViolation       the requester tried to approve their own work
     ├── ModelError                  a model call failed (the gateway may fall back)
     │   ├── ProviderUnavailable     timeout, connection error, 5xx, 429, open circuit
     │   ├── BadModelAnswer          the provider's answer did not parse
-    │   └── BudgetExceeded          a cost budget or rate limit refuses the call
+    │   ├── BudgetExceeded          a cost budget or rate limit refuses the call
+    │   └── NoEligibleModel         routing left no model that may take this call
+    ├── ModelInputTooLong           model input longer than the task's max_input_chars
+    ├── TrainingDataError           labelled examples that cannot train a classifier
+    ├── ModelRegistryError          the local model registry refused a change
+    ├── ConnectorError              a connector call failed
+    │   ├── ConnectorUnavailable    timeout, connection error, 429/5xx after the connector's
+    │   │                           own retries (the step may retry it)
+    │   ├── ConnectorRejected       the target refused the call for good (also Permanent)
+    │   ├── ConnectorInputRefused   the input carries a credential or does not fit the
+    │   │                           operation (also Permanent)
+    │   ├── BadTargetResponse       the target's answer does not fit the operation's output
+    │   │                           model (also Permanent)
+    │   └── EffectUncertain         an earlier attempt may have had its effect, and the target
+    │                               cannot tell a repeat (also Permanent)
+    ├── DocumentError               a document could not be read (``code`` names the reason)
+    │   ├── UnsupportedDocument     not a PDF, PNG, JPEG or TIFF
+    │   ├── EmptyDocument           the file has no bytes
+    │   ├── CorruptDocument         the file does not decode as its format
+    │   ├── EncryptedDocument       the PDF needs a password
+    │   ├── DocumentTooLarge        over a limit of `flowdesk.documents.Limits`
+    │   │   ├── TooManyPages        more pages than ``max_pages``
+    │   │   └── ImageTooLarge       more pixels than ``max_pixels`` (decompression bombs)
+    │   └── OcrFailed               Tesseract failed on a page
+    │       ├── OcrUnavailable      Tesseract (or a language it needs) is not installed
+    │       └── OcrTimeout          a page took longer than ``ocr_timeout`` (also a
+    │                               TimeoutError)
+    ├── SourceUnavailable           an event source (NATS, Redis, Kafka) cannot be reached
     ├── SerializationError          a value cannot be stored as JSON
     ├── IdempotencyConflict         an idempotency key was reused for other work
     ├── InvalidState                the run's status does not allow the operation
@@ -164,6 +199,108 @@ class BudgetExceeded(ModelError):
     """A cost budget or a rate limit refuses this call."""
 
 
+class NoEligibleModel(ModelError):
+    """No model in the task's chain may take this call (data classification, region,
+    capability or cost ceiling); ``reasons`` says why each was left out."""
+
+    def __init__(self, task: str, reasons: dict[str, str]) -> None:
+        self.task = task
+        self.reasons = dict(reasons)
+        why = "; ".join(f"{model}: {reason}" for model, reason in self.reasons.items())
+        super().__init__(
+            f"No model may answer task {task!r}: {why or 'its chain is empty'}. Add a model "
+            "that fits (a local one for pii/confidential data) to the task's chain or routes."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task, self.reasons))
+
+
+class UnknownModelTask(NotFound):
+    """No model task has that name in the gateway's configuration."""
+
+    def __init__(self, task: str, known: list[str] | None = None) -> None:
+        self.task = task
+        self.known = sorted(known or [])
+        hint = f"Known tasks: {', '.join(self.known)}." if self.known else "No task is configured."
+        super().__init__(
+            f"Unknown model task {task!r}. {hint} Add a [tasks.{task}] table to the gateway's "
+            "config."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task, self.known))
+
+
+class ModelNotFound(NotFound):
+    """No trained local model has that task name (or that version) in the models directory."""
+
+    def __init__(
+        self,
+        task: str,
+        version: str | None = None,
+        known: list[str] | None = None,
+        root: str = "",
+    ) -> None:
+        self.task = task
+        self.version = version
+        self.known = list(known or [])
+        self.root = root
+        where = f" in {root}" if root else ""
+        if version is None:
+            hint = f" Known tasks: {', '.join(self.known)}." if self.known else ""
+            message = (
+                f"No local model task {task!r}{where}.{hint} Train one with "
+                f"`flowdesk models train {task} FILE`, or point FLOWDESK_MODELS_DIR at the "
+                "models directory."
+            )
+        else:
+            hint = f" Its versions: {', '.join(self.known)}." if self.known else ""
+            message = (
+                f"Local model task {task!r} has no version {version!r}{where}.{hint} "
+                "List them with `flowdesk models list`."
+            )
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task, self.version, self.known, self.root))
+
+
+class TrainingDataError(FlowdeskError):
+    """The labelled examples cannot train a classifier; ``line`` names the bad line."""
+
+    def __init__(self, path: str, problem: str, line: int | None = None) -> None:
+        self.path = path
+        self.problem = problem
+        self.line = line
+        at = f", line {line}" if line is not None else ""
+        super().__init__(f"{path}{at}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.problem, self.line))
+
+
+class ModelRegistryError(FlowdeskError):
+    """The local model registry refused the change (bad name, percent, or no history)."""
+
+
+class ModelInputTooLong(FlowdeskError):
+    """The model input is longer than the task allows; it is refused, never truncated."""
+
+    def __init__(self, task: str, length: int, limit: int) -> None:
+        self.task = task
+        self.length = length
+        self.limit = limit
+        super().__init__(
+            f"Input for model task {task!r} has {length} characters, more than its "
+            f"max_input_chars = {limit}. Shorten or split the input, or raise max_input_chars "
+            "in the task's config."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task, self.length, self.limit))
+
+
 class InvalidInput(FlowdeskError):
     """The input does not match the workflow's input model."""
 
@@ -265,12 +402,210 @@ class RunCancelled(FlowdeskError):
         return (type(self), (self.run_id, self.reason))
 
 
+class DocumentError(FlowdeskError):
+    """The document could not be read."""
+
+    code = "document_error"
+
+    def __init__(self, message: str | None = None, *, path: str = "", **details: Any) -> None:
+        self.path = path
+        self.details = details
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_document_error, (type(self), self.message, self.path, self.details))
+
+
+def _rebuild_document_error(
+    cls: type[DocumentError], message: str, path: str, details: dict[str, Any]
+) -> DocumentError:
+    return cls(message, path=path, **details)
+
+
+class UnsupportedDocument(DocumentError):
+    """The file is not a PDF, PNG, JPEG or TIFF document."""
+
+    code = "unsupported_format"
+
+
+class EmptyDocument(DocumentError):
+    """The file is empty (0 bytes): upload it again."""
+
+    code = "empty_file"
+
+
+class CorruptDocument(DocumentError):
+    """The file is damaged: it does not decode as the format its bytes claim."""
+
+    code = "corrupt_file"
+
+
+class EncryptedDocument(DocumentError):
+    """The PDF is encrypted and needs a password: ask the sender for an unprotected copy."""
+
+    code = "encrypted_pdf"
+
+
+class DocumentTooLarge(DocumentError):
+    """The document is over one of the reader's limits."""
+
+    code = "too_large"
+
+
+class TooManyPages(DocumentTooLarge):
+    """The document has more pages than the reader's page limit."""
+
+    code = "too_many_pages"
+
+
+class ImageTooLarge(DocumentTooLarge):
+    """An image has more pixels than the reader's pixel limit (a decompression bomb?)."""
+
+    code = "image_too_large"
+
+
+class OcrFailed(DocumentError):
+    """Tesseract could not read a page."""
+
+    code = "ocr_failed"
+
+
+class OcrUnavailable(OcrFailed):
+    """Tesseract is not installed: `make install` installs it (Debian package
+    tesseract-ocr), or install it with your system's package manager."""
+
+    code = "ocr_unavailable"
+
+
+class OcrTimeout(OcrFailed, TimeoutError):
+    """Tesseract took longer than the per-page time limit."""
+
+    code = "ocr_timeout"
+
+
 class ResultTimeout(FlowdeskError, TimeoutError):
     """The run did not finish within the time given to ``App.result``."""
 
 
 class Permanent(Exception):
     """Raise from a step to fail it at once: it is not retried."""
+
+
+class ConnectorError(FlowdeskError):
+    """A connector call failed."""
+
+    def __init__(
+        self, message: str | None = None, *, connector: str = "", operation: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.connector = connector
+        self.operation = operation
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_connector_error, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild_connector_error(
+    cls: type[ConnectorError], message: str, state: dict[str, Any]
+) -> ConnectorError:
+    exc = cls.__new__(cls)
+    FlowdeskError.__init__(exc, message)
+    exc.__dict__.update(state)
+    return exc
+
+
+class ConnectorUnavailable(ConnectorError):
+    """The target did not answer in time, could not be reached, or refused for now (429,
+    5xx) after the connector's own retries; the step's retry policy may try again later."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        connector: str = "",
+        operation: str = "",
+        retry_after: float | None = None,
+        maybe_done: bool = False,
+    ) -> None:
+        super().__init__(message, connector=connector, operation=operation)
+        self.retry_after = retry_after
+        # The last attempt may have reached the target and had its effect (a timeout).
+        self.maybe_done = maybe_done
+
+
+class ConnectorRejected(ConnectorError, Permanent):
+    """The target refused the call for good (a 4xx answer, a constraint violation); the
+    step is not retried. Fix the input or the target's configuration, then retry the run."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        connector: str = "",
+        operation: str = "",
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message, connector=connector, operation=operation)
+        self.status = status
+
+
+class ConnectorInputRefused(ConnectorError, Permanent):
+    """The connector refused the input before calling anything: it does not fit the
+    operation's input model, or it carries a credential. Credentials come from the
+    environment or a secrets file (`flowdesk.connectors.secrets`), never from workflow input."""
+
+
+class BadTargetResponse(ConnectorError, Permanent):
+    """The target answered, but its answer does not fit the operation's output model."""
+
+
+class EffectUncertain(ConnectorError, Permanent):
+    """An earlier attempt of this call started and never reported back, so its effect may
+    have happened; the target cannot recognise a repeat, and the connector is set to
+    refuse one. Check the target, then mark the effect in `connector_effects` and retry."""
+
+
+# -- triggers (webhooks, event streams) ----------------------------------------------------
+
+
+class SecretUnavailable(ConfigurationError):
+    """The webhook's secret is not configured: set its environment variable or secrets
+    file on the server (the request never carries it)."""
+
+
+class UnknownHook(NotFound):
+    """No webhook is registered under that name."""
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        self.name = name
+        self.known = sorted(known or [])
+        super().__init__(
+            f"No webhook {name!r}. Register it with flowdesk.triggers.webhook(app, {name!r}, "
+            "workflow=..., secret_env=...)."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.known))
+
+
+class DeliveryConflict(Conflict):
+    """The delivery id was used before for another body (or the same signed request came
+    under another delivery id): nothing was started. Send new work under a new delivery id."""
+
+
+class BadSignature(Unauthenticated):
+    """The webhook signature is missing or does not verify: sign ``timestamp + "." + body``
+    with HMAC-SHA256 and the hook's secret, and send ``X-Flowdesk-Signature: v1=<hex>``."""
+
+
+class StaleDelivery(Unauthenticated):
+    """The webhook's ``X-Flowdesk-Timestamp`` is too far from the server's clock: sign each
+    delivery (and each retry) with the current time, and check the sender's clock."""
+
+
+class SourceUnavailable(FlowdeskError):
+    """An event source (NATS, Redis, Kafka) cannot be reached; check its address and that
+    it runs."""
 
 
 class Suspended(BaseException):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,13 +16,16 @@ import pytest
 from pydantic import BaseModel, Field
 
 import flowdesk
-from flowdesk import RunStatus, errors
+from flowdesk import RunStatus, errors, triggers
 from flowdesk.engine import tasks
 from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity
 from flowdesk.server import app as server
 from flowdesk.store import audit as store_audit
 from flowdesk.store import people
+from flowdesk.triggers import webhooks
+
+HOOK_SECRET = "ping-secret"
 
 # user id -> (roles, groups)
 USERS: dict[str, tuple[list[str], list[str]]] = {
@@ -129,6 +133,8 @@ class Env:
 @pytest.fixture
 async def env(app, tmp_path, wait_until, wait_status) -> AsyncIterator[Env]:
     register(app)
+    (tmp_path / "ping.secret").write_text(HOOK_SECRET)
+    triggers.webhook(app, "ping", workflow="echo", secret_file=tmp_path / "ping.secret")
     async with app:
         ids = identity.Identity(app)
         tokens = {}
@@ -434,6 +440,7 @@ ROLES = ("root", "olga", "anna", "vera", None)  # admin, operator, approver, vie
 MATRIX: list[tuple[str, str, Any, tuple[int, int, int, int, int]]] = [
     ("GET", "/health", None, (200, 200, 200, 200, 200)),
     ("GET", "/ready", None, (200, 200, 200, 200, 200)),
+    ("GET", "/metrics", None, (200, 200, 200, 200, 200)),  # open to loopback clients (default)
     ("GET", "/me", None, (200, 200, 200, 200, 401)),
     ("POST", "/runs", {"workflow": "echo", "input": {"n": 1}}, (201, 201, 403, 403, 401)),
     ("GET", "/runs", None, (200, 200, 403, 200, 401)),
@@ -464,6 +471,8 @@ MATRIX: list[tuple[str, str, Any, tuple[int, int, int, int, int]]] = [
     ("GET", "/users/dora/tokens", None, (200, 403, 403, 403, 401)),
     ("POST", "/users/dora/tokens", {"name": "ci"}, (201, 403, 403, 403, 401)),
     ("DELETE", "/users/dora/tokens/{token}", None, (204, 403, 403, 403, 401)),
+    # Signed with the hook's secret (any bearer token, or none, is ignored).
+    ("POST", "/hooks/ping", {"n": 1}, (201, 201, 201, 201, 201)),
 ]
 
 
@@ -523,7 +532,13 @@ async def test_role_endpoint_matrix(env):
                     url = url.replace(slot, value)
                     if payload is not None:
                         payload = json.loads(json.dumps(payload).replace(slot, value))
-            kwargs = {} if payload is None else {"json": payload}
+            kwargs: dict[str, Any] = {} if payload is None else {"json": payload}
+            if path.startswith("/hooks/"):  # a webhook: signed, with a fresh delivery id
+                raw, n = json.dumps(payload).encode(), next(counter)
+                # one signed request per delivery: another second for each (same body)
+                stamp = int(time.time()) - n
+                headers = webhooks.signed_headers(HOOK_SECRET, raw, f"d{n}", stamp)
+                kwargs = {"content": raw, "headers": headers}
             r = await env.call(method, url, who, **kwargs)
             if r.status_code != expected:
                 failures.append(f"{method} {path} as {who}: {r.status_code} != {expected} {r.text}")

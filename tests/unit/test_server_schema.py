@@ -24,11 +24,13 @@ from hypothesis import HealthCheck, Phase, settings
 from pydantic import BaseModel
 
 import flowdesk
+from flowdesk import triggers
 from flowdesk.engine import tasks
 from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity
 from flowdesk.server import app as server
 from flowdesk.store import people
+from flowdesk.triggers import webhooks
 
 EXAMPLES = 20  # per operation and generation mode
 
@@ -153,6 +155,18 @@ def _prepare(url: str) -> tuple[str, dict[str, dict[str, Any]]]:
     return result
 
 
+def _hook_aim(app: flowdesk.App, folder: Path) -> dict[str, Any]:
+    """A webhook ``ping`` (starts ``waiter``) and one delivery signed for it: the body ``{}``
+    as the client sends it. Its first copy starts a run (201), the others are replays (200)."""
+    (folder / "ping.secret").write_text("ping-secret")
+    triggers.webhook(
+        app, "ping", workflow="waiter", secret_file=folder / "ping.secret", tolerance=3600
+    )
+    headers = webhooks.signed_headers("ping-secret", b"{}", "schema-delivery")
+    del headers["Content-Type"]
+    return {"path_parameters": {"name": "ping"}, "headers": headers, "body": {}}
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     folder: Path = tmp_path_factory.mktemp("schema")
@@ -160,6 +174,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     secret, aims = _prepare(url)
     app = flowdesk.App(url, poll_interval=0.05)
     register(app)
+    aims["POST /hooks/{name}"] = _hook_aim(app, folder)
     log = audit_log.AuditLog(app, folder / "audit.key")
     api = server.create_app(app, audit=log, worker=True)
     port = _free_port()

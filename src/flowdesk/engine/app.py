@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from flowdesk import codec, errors
-from flowdesk.engine import registry, schedules, tasks
+from flowdesk.engine import gateway_port, observe_port, registry, schedules, tasks
 from flowdesk.engine.writer import Writer
 from flowdesk.store import audit, base
 from flowdesk.store import sql as sql_store
@@ -107,6 +107,12 @@ class App:
         self.notifier: tasks.Notifier = notifier or tasks.LogNotifier()
         # Called about once a second by every worker's upkeep loop (audit checkpoints...).
         self.upkeep_hooks: list[Callable[[], Awaitable[None]]] = []
+        # What `Context.model` asks: e.g. `flowdesk.models.gateway.Gateway.from_toml(path)`.
+        self.gateway: gateway_port.ModelGateway | None = None
+        # Metrics, spans and log context (`flowdesk.observe.instrument(app)` sets it).
+        self.observer: observe_port.Observer | None = None
+        # Business metrics the app's workflows record with `Context.metric`.
+        self.metrics = observe_port.MetricCatalog()
 
     # -- registration ----------------------------------------------------------------
     @overload
@@ -357,6 +363,42 @@ class App:
         overrides the workflow's. ``initiator``: who asks for the work (default: the acting
         user of an API request); four-eyes tasks refuse completion by them."""
         await self.open()
+        new = self.new_run(
+            workflow,
+            input,
+            idempotency_key=idempotency_key,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            timeout=timeout,
+            concurrency_key=concurrency_key,
+            dedupe_key=dedupe_key,
+            debounce=debounce,
+            initiator=initiator,
+        )
+        run_id, created = await self.submit(lambda tx: tx.create_run(new))
+        if created:
+            self.wake()
+        return RunHandle(run_id, new.workflow, created, self)
+
+    def new_run(
+        self,
+        workflow: str | Callable[..., Any],
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        delay: timedelta | float | None = None,
+        timeout: timedelta | float | None = None,
+        concurrency_key: str | None = None,
+        dedupe_key: str | None = None,
+        debounce: timedelta | float | None = None,
+        initiator: str | None = None,
+    ) -> NewRun:
+        """The run `start` creates (input validated, not stored yet), for a caller that
+        creates it with ``tx.create_run`` inside a transaction of its own (a webhook records
+        its delivery in the same one). Same arguments as `start`."""
         name = self.workflow_name(workflow)
         wdef = self.registry.workflow(name)
         encoded = wdef.validate(input)
@@ -365,7 +407,7 @@ class App:
         limit = _secs(timeout) if timeout is not None else wdef.timeout
         if debounce is not None and dedupe_key is None:
             raise errors.ConfigurationError("debounce needs a dedupe_key")
-        new = NewRun(
+        return NewRun(
             id=new_run_id(),
             workflow=name,
             input=encoded,
@@ -381,10 +423,6 @@ class App:
             deadline_at=None if limit is None else now + int(limit * 1000),
             initiator=initiator or _person(audit.ACTOR.get()),
         )
-        run_id, created = await self.submit(lambda tx: tx.create_run(new))
-        if created:
-            self.wake()
-        return RunHandle(run_id, name, created, self)
 
     async def submit(self, op: Callable[[base.Tx], Awaitable[T]], actor: str | None = None) -> T:
         """Apply one write operation (group-committed with others), on behalf of ``actor``
@@ -451,12 +489,17 @@ class App:
         """Cancel a run and its children. Queued and waiting runs end at once; a running one
         stops at its next step (its worker is told within a heartbeat)."""
         await self.open()
+        observer = self.observer
+        before = None if observer is None else await self.store.get_status(run_id)
         status: RunStatus = await self.submit(lambda tx: tx.cancel(run_id, reason))
         if status is RunStatus.RUNNING:
             for worker in self._workers:
                 worker.interrupt(run_id, "cancel")
         else:
             self._finished(run_id)
+            ended_now = before is not None and not before.finished
+            if observer is not None and status is RunStatus.CANCELLED and ended_now:
+                await observer.runs_ended([run_id], status)
         return status
 
     async def retry(self, run_id: str) -> RunHandle:

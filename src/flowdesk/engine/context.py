@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from pydantic import BaseModel
 
 from flowdesk import codec, errors
-from flowdesk.engine import registry, tasks
+from flowdesk.engine import observe_port, registry, tasks
 from flowdesk.store import base, people
 from flowdesk.store.base import Expired, Fenced, HistoryRow, NewRun, Parked, Resolved, StepRow
 
@@ -169,6 +169,10 @@ class Context:
         # Set once replay diverged from the history: every later call raises it again and
         # the run fails with it, even if workflow code catches it.
         self.nondeterminism: errors.NonDeterminismError | None = None
+        self._call = ""  # name of the latest call (for the log context)
+        self.step_attempts = 0  # attempts of the latest step executed (for observers)
+        self._counted_upto: int | None = None  # see `metric`
+        self._metrics: list[tuple[observe_port.MetricDef, float, dict[str, str]]] = []
 
     # -- deterministic helpers -------------------------------------------------------
     def now(self) -> datetime:
@@ -189,6 +193,45 @@ class Context:
     def random(self) -> float:
         """A float in [0, 1) that replay reproduces."""
         return self._rng.random()
+
+    @property
+    def position(self) -> tuple[int, str]:
+        """The seq and name of the step running now, else of the latest call made."""
+        info = _current_step.get()
+        if info is not None and info.run_id == self.run_id:
+            return info.seq, info.name
+        return self._seq, self._call
+
+    def metric(
+        self, metric: str | observe_port.MetricDef, value: float = 1, /, **labels: str
+    ) -> None:
+        """Record a business metric declared on ``app.metrics``: a counter goes up by
+        ``value``, a gauge is set to it, a histogram observes it.
+
+        Each recording counts once per run, however often replay runs the line again. The
+        run's history says which code already ran: everything before its latest recorded
+        call (a finished step, or the wait the run parked on); a recording there is
+        skipped. A recording past it is new, and counts once the workflow's next call (or
+        its end) is recorded: a worker that dies or loses its lease before that counts
+        nothing, and the worker that takes the run over counts it instead."""
+        catalog = self._rt.metrics
+        defn = metric if isinstance(metric, observe_port.MetricDef) else catalog.get(metric)
+        defn.check(value, labels)
+        if self._counted_upto is None:
+            self._counted_upto = max(
+                (s if r.status != "pending" else s - 1 for s, r in self._history.items()),
+                default=-1,
+            )
+        if self._rt.observer is not None and self._seq > self._counted_upto:
+            self._metrics.append((defn, float(value), labels))
+
+    def metrics_recorded(self) -> None:
+        """What the workflow did up to now is recorded: count its pending recordings."""
+        pending, self._metrics = self._metrics, []
+        observer = self._rt.observer
+        if observer is not None:
+            for defn, value, labels in pending:
+                observer.metric(defn, value, labels)
 
     def idempotency_key(self) -> str:
         """``run_id:seq`` of the running step; outside a step, of the next step to be called.
@@ -232,11 +275,23 @@ class Context:
             )
             self._failures[id(failure)] = seq
             raise failure
+        observer = self._rt.observer
+        if observer is None:
+            value: R = await self._execute_step(sdef, seq, args, kwargs)
+            return value
+        call = observe_port.StepCall(self, seq, sdef.name)
+        observed: R = await observer.step(call, self._execute_step(sdef, seq, args, kwargs))
+        return observed
+
+    async def _execute_step(
+        self, sdef: registry.StepDef[Any, Any], seq: int, args: tuple[Any, ...], kwargs: Any
+    ) -> Any:
         started = _now_ms()
         policy = sdef.policy
         attempt = 0
         while True:
             attempt += 1
+            self.step_attempts = attempt
             token = _current_step.set(StepInfo(self.run_id, seq, sdef.name, attempt))
             try:
                 value = await self._invoke(sdef, args, kwargs)
@@ -268,10 +323,9 @@ class Context:
                 StepRow(seq, sdef.name, "step", "ok", encoded, None, attempt, started, _now_ms())
             )
             if value is None:
-                return None  # type: ignore[return-value]
+                return None
             # Return what replay will return, so both runs see equal values.
-            decoded: R = sdef.decode(encoded)
-            return decoded
+            return sdef.decode(encoded)
 
     async def _invoke(
         self, sdef: registry.StepDef[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -293,6 +347,58 @@ class Context:
             raise errors.StepTimeout(
                 f"Step {sdef.name!r} did not finish within {sdef.timeout} s."
             ) from None
+
+    # -- models ----------------------------------------------------------------------
+    async def model(self, task: str, input: Any, **hints: Any) -> Any:
+        """Ask the app's model gateway (`App.gateway`) to answer ``input`` for ``task``.
+
+        Recorded as a step named ``model:<task>``: replay returns the recorded answer and
+        never calls a model again. ``hints`` are routing facts and options the gateway
+        reads (``risk``, ``data``, ``region``, ``key``, ``max_cost_usd``, ``max_tokens``,
+        ``temperature``). Returns the gateway's answer type (``flowdesk.models.base.Answer``
+        with ``flowdesk.models.gateway.Gateway``): label or text, confidence, model and version,
+        latency, tokens, cost, and whether it came from cache, a fallback, a canary or
+        with a shadow answer; ``escalate`` says a person should decide.
+
+        The gateway already retried and fell back down the task's chain, so a failure is
+        not retried here: it is recorded as the step's final error and raised as
+        `StepFailed` (``error_type`` names the gateway's error, e.g. ``ProviderUnavailable``),
+        the same on replay."""
+        gateway = self._rt.gateway
+        if gateway is None:
+            raise errors.ConfigurationError(
+                f"Workflow {self.workflow!r} calls ctx.model({task!r}) but the app has no model "
+                "gateway: set `app.gateway = Gateway.from_toml('models.toml')` (or "
+                "`Gateway(config)`, from flowdesk.models.gateway) before starting workers."
+            )
+        name = f"model:{task}"
+        seq = self._next(name, "step")
+        rec = self._history.get(seq)
+        if rec is not None:
+            if rec.status == "ok":
+                return gateway.load_answer(codec.decode(rec.output))
+            err = codec.decode(rec.error) or {}
+            failure = errors.StepFailed(name, seq, err.get("type", "Error"), err.get("message", ""))
+            self._failures[id(failure)] = seq
+            raise failure
+        started = _now_ms()
+        try:
+            answer = await gateway.answer(
+                task, input, dict(hints), run_id=self.run_id, seq=seq, workflow=self.workflow
+            )
+            encoded = codec.encode(answer, f"answer of model task {task!r}")
+        except Exception as exc:
+            info = error_info(exc, 1)
+            row = StepRow(
+                seq, name, "step", "error", None, codec.encode(info), 1, started, _now_ms()
+            )
+            await self._write(row)
+            failure = errors.StepFailed(name, seq, info["type"], info["message"])
+            self._failures[id(failure)] = seq
+            raise failure from exc
+        await self._write(StepRow(seq, name, "step", "ok", encoded, None, 1, started, _now_ms()))
+        # Return what replay will return: the recorded JSON, loaded the same way.
+        return gateway.load_answer(codec.decode(encoded))
 
     # -- waits -----------------------------------------------------------------------
     async def sleep(self, duration: timedelta | float) -> None:
@@ -622,6 +728,7 @@ class Context:
         if self.nondeterminism is not None:
             raise self.nondeterminism
         self._seq += 1
+        self._call = name
         seq = self._seq
         rec = self._history.get(seq)
         if rec is not None and (rec.name != name or rec.kind != kind):
@@ -675,6 +782,8 @@ class Context:
             raise self._fenced(exc) from None
         except Exception as exc:
             raise _unrecorded(exc) from exc
+        if self._metrics:
+            self.metrics_recorded()
 
     async def _await(
         self,
@@ -698,6 +807,8 @@ class Context:
             raise self._fenced(exc) from None
         except Exception as exc:
             raise _unrecorded(exc) from exc
+        if self._metrics:
+            self.metrics_recorded()
         if kids:
             self._rt.wake()
         if isinstance(outcome, Parked):

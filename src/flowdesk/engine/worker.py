@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 from flowdesk import codec, errors
 from flowdesk.engine import context as context_mod
-from flowdesk.engine import schedules
+from flowdesk.engine import observe_port, schedules
 from flowdesk.store.base import Claimed, Fenced, RunStatus, Tx
 from flowdesk.store.people import Escalated
 
@@ -34,6 +34,11 @@ TIMEOUT_REASON = "the run passed its timeout"
 TIMEOUT_ERROR = codec.encode({"type": "WorkflowTimeout", "message": TIMEOUT_REASON})
 
 StopReason = Literal["cancel", "lease", "shutdown", "timeout"]
+_ENDED: dict[RunStatus, observe_port.SegmentOutcome] = {
+    RunStatus.SUCCEEDED: "succeeded",
+    RunStatus.FAILED: "failed",
+    RunStatus.CANCELLED: "cancelled",
+}
 
 
 class Worker:
@@ -269,6 +274,11 @@ class Worker:
                 await app.notifier(done)
             except Exception:
                 log.exception("notifier failed for the escalation of task %s", task_id)
+            if app.observer is not None:
+                try:
+                    await app.observer.task_escalated(done)
+                except Exception:
+                    log.exception("observer failed for the escalation of task %s", task_id)
 
     async def _cancel_overdue(self) -> None:
         async def op(tx: Tx) -> list[str]:
@@ -280,6 +290,8 @@ class Worker:
         ids: list[str] = await self.app.writer.submit(op)
         for run_id in ids:
             self.app._finished(run_id)
+        if ids and self.app.observer is not None:
+            await self.app.observer.runs_ended(ids, RunStatus.CANCELLED)
 
     async def _heartbeat_loop(self) -> None:
         interval = self.app.heartbeat_interval
@@ -292,18 +304,41 @@ class Worker:
 
     # -- one run ---------------------------------------------------------------------
     async def _execute(self, claimed: Claimed) -> None:
-        app = self.app
-        run_id = claimed.id
-        wdef = app.registry.workflows[claimed.workflow]
         ctx = context_mod.Context(
-            app,
-            run_id,
+            self.app,
+            claimed.id,
             claimed.workflow,
             self.id,
             claimed.attempts,
             claimed.history,
             claimed.versions,
         )
+        observer = self.app.observer
+        if observer is None:
+            await self._segment(claimed, ctx)
+            return
+        segment = observe_port.Segment(ctx, claimed, self.id)
+        state = None
+        try:
+            state = await observer.segment_started(segment)
+        except Exception:
+            log.exception("observer failed at the start of run %s; running it anyway", claimed.id)
+        outcome: observe_port.SegmentOutcome = "lost"
+        try:
+            outcome = await self._segment(claimed, ctx)
+        finally:
+            try:
+                observer.segment_ended(segment, state, outcome)
+            except Exception:
+                log.exception("observer failed at the end of run %s", claimed.id)
+
+    async def _segment(
+        self, claimed: Claimed, ctx: context_mod.Context
+    ) -> observe_port.SegmentOutcome:
+        """Execute the run from its claim to its end or its next wait; says how it ended."""
+        app = self.app
+        run_id = claimed.id
+        wdef = app.registry.workflows[claimed.workflow]
         status: RunStatus
         output: str | None = None
         error: str | None = None
@@ -335,9 +370,9 @@ class Worker:
             output = codec.encode(result, f"result of workflow {wdef.name!r}")
             status = RunStatus.SUCCEEDED
         except errors.Suspended:
-            return
+            return "suspended"
         except errors.LeaseLost:
-            return
+            return "lost"
         except context_mod.Cancelled:
             status = RunStatus.CANCELLED
         except asyncio.CancelledError:
@@ -349,9 +384,9 @@ class Worker:
                 error = TIMEOUT_ERROR
             elif reason == "shutdown":
                 await self._release(run_id)
-                return
+                return "released"
             else:
-                return
+                return "lost"
         except Exception as raised:
             exc = ctx.nondeterminism or raised
             status = RunStatus.FAILED
@@ -371,11 +406,12 @@ class Worker:
         try:
             await app.writer.submit(op)
         except Fenced:
-            return
+            return "lost"
         except Exception:
             log.exception("could not record the end of run %s; its lease will expire", run_id)
-            return
+            return "lost"
         app._finished(run_id)
+        return _ENDED[final]
 
     async def _release(self, run_id: str) -> None:
         try:

@@ -88,7 +88,10 @@ class Inbox:
         encoded = codec.encode(clean, f"form data of task {task_id}")
         await self.app.submit(lambda tx: tx.complete_task(task_id, who, encoded), actor=who.id)
         self.app.wake()
-        return await self.get(task_id, who)
+        done = await self.get(task_id, who)
+        if self.app.observer is not None:  # time to completion, by kind
+            await self.app.observer.task_completed(done)
+        return done
 
     async def delegate(self, task_id: str, who: Person, to_user: str) -> TaskRecord:
         await self.get(task_id, who)

@@ -18,12 +18,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import flowdesk
-from flowdesk import errors
+from flowdesk import errors, observe
 from flowdesk.engine.app import App
 from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity as ident
 from flowdesk.humans import inbox as inbox_mod
-from flowdesk.server import api, schemas
+from flowdesk.server import api, hooks, schemas
+from flowdesk.server import metrics as metrics_routes
 
 log = logging.getLogger("flowdesk.server")
 
@@ -37,7 +38,8 @@ STATUS: tuple[tuple[type[errors.FlowdeskError], int], ...] = (
     (errors.Conflict, 409),
     (errors.InvalidState, 409),
     (errors.PermissionDenied, 403),  # FourEyesViolation
-    (errors.Unauthenticated, 401),
+    (errors.Unauthenticated, 401),  # BadSignature, StaleDelivery (webhooks)
+    (errors.SecretUnavailable, 503),  # a webhook's secret is not configured
     (errors.ConfigurationError, 400),
     (errors.StoreError, 503),
 )
@@ -126,15 +128,23 @@ async def unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(
-    app: App, *, audit: audit_log.AuditLog | None = None, worker: bool = False
+    app: App,
+    *,
+    audit: audit_log.AuditLog | None = None,
+    worker: bool = False,
+    metrics_access: str = "local",
 ) -> FastAPI:
     """The REST API of ``app``.
 
     The server opens ``app`` when it starts and closes it when it stops. With ``worker``,
     it also runs a worker in the same process for its whole life, and that worker signs
     audit checkpoints (`AuditLog.install`). ``audit`` defaults to ``AuditLog(app)``.
+    It instruments ``app`` (`flowdesk.observe.instrument`) and serves ``GET /metrics``
+    to whom ``metrics_access`` lets in (`flowdesk.server.metrics`).
     """
     audit = audit or audit_log.AuditLog(app)
+    access = metrics_routes.check_access(metrics_access)
+    observe.instrument(app)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -172,6 +182,10 @@ def create_app(
     api_app.add_exception_handler(StarletteHTTPException, http_error)
     api_app.add_exception_handler(Exception, unexpected)
     api_app.include_router(api.router)
+    api_app.include_router(hooks.router)
+    api_app.include_router(metrics_routes.router)
+    api_app.state.metrics_access = access
+    api_app.add_middleware(observe.logs.RequestContext)
     return api_app
 
 
@@ -183,9 +197,17 @@ def serve(
     worker: bool = True,
     audit: audit_log.AuditLog | None = None,
     log_level: str = "info",
+    metrics_access: str = "local",
+    log_config: dict[str, Any] | None = uvicorn.config.LOGGING_CONFIG,
 ) -> None:
     """Serve the REST API of ``app`` (with an embedded worker unless ``worker=False``) until
-    interrupted (Ctrl-C or SIGTERM: the worker finishes in-flight work, then stops)."""
+    interrupted (Ctrl-C or SIGTERM: the worker finishes in-flight work, then stops).
+    ``log_config=None`` leaves uvicorn's loggers to the root logger's handlers (as
+    `flowdesk.observe.logs.configure` set them)."""
     uvicorn.run(
-        create_app(app, audit=audit, worker=worker), host=host, port=port, log_level=log_level
+        create_app(app, audit=audit, worker=worker, metrics_access=metrics_access),
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=log_config,
     )

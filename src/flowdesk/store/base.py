@@ -198,6 +198,32 @@ class Claimed:
     deadline_at: int | None = None
     history: dict[int, HistoryRow] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
+    recovered: bool = False  # it was running and its lease had expired: a worker died
+    trace_context: str | None = None  # W3C traceparent of the run's root span, if any
+
+
+@dataclass(frozen=True, slots=True)
+class RunGauge:
+    """How many active runs of one (queue, workflow, status) there are, and how many of
+    them are claimable now (due), the oldest due time among those (epoch ms)."""
+
+    queue: str
+    workflow: str
+    status: RunStatus
+    count: int
+    due: int
+    oldest_due_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskGauge:
+    """How many open or claimed tasks of one (kind, status) there are, and how many of
+    them are past their due time."""
+
+    kind: str
+    status: str
+    count: int
+    overdue: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +434,12 @@ class Tx(ABC):
     @abstractmethod
     async def purge_runs(self, finished_before: int, limit: int) -> list[str]: ...
 
+    # -- observability (implemented in sql_observe.py) ------------------------------------
+    @abstractmethod
+    async def set_trace_context(self, run_id: str, traceparent: str) -> bool:
+        """Keep the traceparent of the run's root span, unless it has one already.
+        Returns whether it was stored. Telemetry, not a transition: no audit record."""
+
 
 Op = Callable[[Tx], Awaitable[Any]]
 """A write operation: runs inside `Store.transact`."""
@@ -532,6 +564,15 @@ class Store(ABC):
 
     @abstractmethod
     async def audit_checkpoints(self) -> list[Sequence[Any]]: ...
+
+    # -- observability (implemented in sql_observe.py) ------------------------------------
+    @abstractmethod
+    async def run_gauges(self) -> list[RunGauge]:
+        """Active runs counted by queue, workflow and status (one cheap grouped count)."""
+
+    @abstractmethod
+    async def task_gauges(self) -> list[TaskGauge]:
+        """Open and claimed human tasks counted by kind and status, with those overdue."""
 
 
 def open_store(url: str) -> Store:

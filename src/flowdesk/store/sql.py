@@ -65,12 +65,17 @@ INSERT_STEP_FENCED = (
     " (SELECT 1 FROM runs WHERE id = ? AND lease_owner = ? AND status = 'running'"
     " AND cancel_requested = 0{share})" + _STEP_UPSERT
 )
+# ``claimed_from = status`` keeps the status before the claim (SET expressions read the old
+# row on both dialects): 'running' there means the run's lease had expired (recovery).
 _CLAIM_SET = (
     "UPDATE runs SET status = 'running', lease_owner = ?, due_at = ?,"
     " attempts = attempts + 1, started_at = COALESCE(started_at, ?),"
-    " updated_at = ?, waiting_for = NULL"
+    " updated_at = ?, waiting_for = NULL, claimed_from = status"
 )
-_CLAIM_RETURNING = " RETURNING id, workflow, input, attempts, cancel_requested, deadline_at"
+_CLAIM_RETURNING = (
+    " RETURNING id, workflow, input, attempts, cancel_requested, deadline_at, claimed_from,"
+    " trace_context"
+)
 _ACTIVE = "('queued', 'running', 'waiting')"
 
 
@@ -781,7 +786,19 @@ class SqlTx(base.Tx):
                     limit - len(rows),
                 ),
             )
-        claimed = {r[0]: Claimed(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows}
+        claimed = {
+            r[0]: Claimed(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                bool(r[4]),
+                r[5],
+                recovered=r[6] == "running",
+                trace_context=r[7],
+            )
+            for r in rows
+        }
         if claimed:
             ids = self._list(list(claimed))
             for r in await self._all(
