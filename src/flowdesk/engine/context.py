@@ -381,12 +381,27 @@ class Context:
             failure = errors.StepFailed(name, seq, err.get("type", "Error"), err.get("message", ""))
             self._failures[id(failure)] = seq
             raise failure
+        observer = self._rt.observer
+        if observer is None:
+            encoded = await self._ask_model(gateway, task, input, hints, name, seq)
+        else:
+            call = observe_port.StepCall(self, seq, name)
+            encoded = await observer.step(
+                call, self._ask_model(gateway, task, input, hints, name, seq)
+            )
+        # Return what replay will return: the recorded JSON, loaded the same way.
+        return gateway.load_answer(codec.decode(encoded))
+
+    async def _ask_model(
+        self, gateway: Any, task: str, input: Any, hints: dict[str, Any], name: str, seq: int
+    ) -> str:
+        """Call the gateway and record its answer (or its final error) at ``seq``."""
         started = _now_ms()
         try:
             answer = await gateway.answer(
                 task, input, dict(hints), run_id=self.run_id, seq=seq, workflow=self.workflow
             )
-            encoded = codec.encode(answer, f"answer of model task {task!r}")
+            encoded: str = codec.encode(answer, f"answer of model task {task!r}")
         except Exception as exc:
             info = error_info(exc, 1)
             row = StepRow(
@@ -397,8 +412,7 @@ class Context:
             self._failures[id(failure)] = seq
             raise failure from exc
         await self._write(StepRow(seq, name, "step", "ok", encoded, None, 1, started, _now_ms()))
-        # Return what replay will return: the recorded JSON, loaded the same way.
-        return gateway.load_answer(codec.decode(encoded))
+        return encoded
 
     # -- waits -----------------------------------------------------------------------
     async def sleep(self, duration: timedelta | float) -> None:
