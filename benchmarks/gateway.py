@@ -1,6 +1,6 @@
 """Model gateway benchmark: what the gateway itself adds to a model call.
 
-    python benchmarks/gateway.py [--calls 20000]
+    python benchmarks/gateway.py [--calls 20000] [--postgres postgresql://postgres@127.0.0.1:5432]
 
 The model is an in-process provider that answers at once, so what is timed is the
 gateway's own work: task lookup, hint checks, routing, version choice, the provider's
@@ -16,6 +16,19 @@ is per call, from ``time.perf_counter_ns`` around one awaited call, after a warm
 
 and the overhead, gateway p50 minus direct p50 (target: under 0.2 ms).
 
+The accounting section (`accounting`) times what the ledger and budget interceptors add
+(``flowdesk.models.rollout.wire``: prices, the ledger, a task budget and a shared rate
+limit), on a SQLite file in a temporary folder (and with ``--postgres URL`` on a temporary
+database there):
+
+* flags + ledger: ``gateway.ask`` p50 through the wired stack with no budget or limit
+  (the flag check and the ledger, whose row is queued on the group-commit writer without
+  waiting), and the time to commit those rows afterwards, per call;
+* ledger + budget + rate limit, one caller: the reservation is one awaited transaction
+  before each call (a commit), so this is the per-call price of exact shared limits;
+* the same with 64 concurrent callers: answers per second, the reservations sharing
+  group commits.
+
 The last section, local-classifier throughput with and without micro-batching at 64
 concurrent callers, runs once ``flowdesk.models.local`` exists (see `local_throughput`).
 """
@@ -26,12 +39,16 @@ import argparse
 import asyncio
 import importlib.util
 import os
+import secrets
 import statistics
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from flowdesk.models import base, config, pii
+import flowdesk
+from flowdesk.models import base, config, pii, rollout
 from flowdesk.models.gateway import CallNext, CallOutcome, Gateway, ModelCall
 
 LABELS = ["billing", "technical", "account", "other"]
@@ -141,6 +158,89 @@ async def overhead(calls: int) -> None:
     print(f"  overhead (gateway cache off p50 - direct p50): {(uncached - direct) / 1000:.4f} ms")
 
 
+# -- the ledger and budget interceptors -----------------------------------------------
+
+
+def accounting_config(limits: bool) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "providers": {"instant": {"type": "python"}},
+        "models": {"clf": {"provider": "instant", "model": "clf", "version": "1"}},
+        "tasks": {
+            "ticket": {
+                "capability": "classify",
+                "labels": LABELS,
+                "chain": ["clf"],
+                "cache_ttl_s": 0,
+            }
+        },
+        "prices": {"clf": {"per_1k_in": 0.15, "per_1k_out": 0.6}},
+        "drift": {"tasks": []},  # drift sampling is not what is timed here
+    }
+    if limits:
+        data["budgets"] = [{"scope": "task", "name": "ticket", "limit_usd": 1e6}]
+        data["limits"] = [{"scope": "model", "name": "clf", "calls": 10**9, "per_s": 60}]
+    return data
+
+
+async def accounting_store(label: str, url: str, calls: int) -> None:
+    print(f"ledger and budget interceptors per call, {label}")
+    provider = Instant("instant")
+    app = flowdesk.App(url)
+    stack = rollout.wire(app, accounting_config(False), providers={"instant": provider})
+    async with app:
+        values = await timed(lambda: stack.gateway.ask("ticket", TICKET), calls)
+        t0 = time.perf_counter()
+        await stack.flush()
+        flush_us = (time.perf_counter() - t0) / (calls + min(2000, calls)) * 1e6
+    await stack.gateway.close()
+    report("wired: flags + ledger, no budget", values)
+    print(f"  {'  + committing those rows afterwards':<38} {flush_us:8.1f} us per call (amortized)")
+
+    few = max(200, calls // 40)
+    app = flowdesk.App(url)
+    stack = rollout.wire(app, accounting_config(True), providers={"instant": provider})
+    async with app:
+        values = await timed(lambda: stack.gateway.ask("ticket", TICKET), few)
+        report("ledger + budget + rate limit, 1 caller", values)
+        done = 0
+
+        async def caller() -> None:
+            nonlocal done
+            for _ in range(few // 8):
+                await stack.gateway.ask("ticket", TICKET)
+                done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(64)))
+        elapsed = time.perf_counter() - t0
+        await stack.flush()
+    await stack.gateway.close()
+    print(f"  {'ledger + budget + rate limit, 64 callers':<38} {done / elapsed:8.0f} answers/s")
+
+
+async def accounting(calls: int, postgres: str | None) -> None:
+    with tempfile.TemporaryDirectory(prefix="flowdesk-gateway-bench-") as tmp:
+        await accounting_store("SQLite (a file, synchronous=full)", f"sqlite:///{tmp}/g.db", calls)
+    if not postgres:
+        return
+    import psycopg
+    from psycopg import sql
+
+    parts = urlsplit(postgres)
+    name = f"flowdesk_bench_gateway_{secrets.token_hex(6)}"
+    admin = urlunsplit((parts.scheme, parts.netloc, "/postgres", "", ""))
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        url = urlunsplit((parts.scheme, parts.netloc, "/" + name, "", ""))
+        await accounting_store(f"PostgreSQL ({parts.hostname}, database {name})", url, calls)
+    finally:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
 # ---------------------------------------------------------------------------------------
 # LOCAL CLASSIFIER THROUGHPUT (with / without micro-batching, 64 concurrent callers)
 #
@@ -214,8 +314,10 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--seconds", type=float, default=5.0, help="per throughput run")
+    parser.add_argument("--postgres", metavar="URL", help="also time the accounting there")
     args = parser.parse_args()
     await overhead(args.calls)
+    await accounting(args.calls, args.postgres)
     await local_throughput(args.seconds)
 
 

@@ -36,13 +36,18 @@ class Writer:
 
     async def submit(self, op: Op) -> Any:
         """Apply ``op`` in the next group commit; returns its result or raises its error."""
+        return await self.enqueue(op)
+
+    def enqueue(self, op: Op) -> asyncio.Future[Any]:
+        """`submit` without waiting: ``op`` is queued now, so a write submitted later in
+        this turn commits with it; the future holds its result or error."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append((op, fut))
         if not self._scheduled and len(self._tasks) < self._parallel:
             self._scheduled = True
             loop.call_soon(self._kick)
-        return await fut
+        return fut
 
     def _kick(self) -> None:
         self._scheduled = False
