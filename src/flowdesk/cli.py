@@ -547,12 +547,17 @@ def db_upgrade(app: AppOpt = None, database_url: DbOpt = None) -> None:
     typer.echo(f"schema at version {version} ({dialect})")
 
 
-# Users, tokens, tasks, audit, retention and serve live in cli_people, which registers them
-# on `cli`; imported last, as it uses the helpers above.
-import flowdesk.cli_models  # noqa: E402  (local classifiers: train, eval, list, promote...)
-import flowdesk.cli_models_usage  # noqa: E402  (models usage, flags, drift...)
-import flowdesk.cli_people  # noqa: E402, F401
-from flowdesk import cli_triggers  # noqa: E402, F401  (watch, consume, hooks)
+# The other command groups register themselves on `cli`; imported last, as they use the
+# helpers above: users, tokens, tasks, audit, retention, serve (cli_people); local models,
+# usage, flags and drift (cli_models, cli_models_usage); documents and demo data
+# (cli_documents); watch, consume and hooks (cli_triggers).
+from flowdesk import (  # noqa: E402
+    cli_documents,  # noqa: F401
+    cli_models,  # noqa: F401
+    cli_models_usage,  # noqa: F401
+    cli_people,  # noqa: F401
+    cli_triggers,  # noqa: F401
+)
 
 
 def main() -> None:

@@ -512,3 +512,39 @@ def test_a_registry_state_reads_as_mapping_or_object():
         shadow_version="v5",
         source="registry",
     )
+
+
+# -- a `type = "local"` provider built from the TOML config ---------------------------------------
+
+
+async def test_a_local_provider_named_in_the_toml_config_answers(tmp_path):
+    from flowdesk.models.gateway import Gateway
+
+    seed(tmp_path / "models")
+    config = tmp_path / "models.toml"
+    config.write_text(
+        f"""
+[providers.tickets_local]
+type = "local"
+task = "ticket"
+models_dir = "{tmp_path / "models"}"
+
+[models.local_tickets]
+provider = "tickets_local"
+model = "ticket"
+capabilities = ["classify"]
+
+[tasks.triage]
+capability = "classify"
+labels = {LABELS!r}
+chain = ["local_tickets"]
+""".replace("'", '"')
+    )
+    gateway = Gateway.from_toml(config)
+    try:
+        answer = await gateway.ask("triage", "billing invoice 3")
+    finally:
+        await gateway.close()
+    assert answer.label == "billing"
+    assert answer.version == "v1"
+    assert answer.provider == "tickets_local"

@@ -699,7 +699,14 @@ class Gateway:
             capability=tcfg.capability,
             text=redaction.text if redaction is not None else text,
             model=self._wire_model(spec, slot, choice.version),
-            version=choice.version,
+            # A local model with no pinned version answers with its registry's current one.
+            version=(
+                None
+                if slot.settings.type == "local"
+                and spec.version is None
+                and choice.version == spec.current_version
+                else choice.version
+            ),
             hints=request_hints,
             labels=tuple(tcfg.labels),
             max_tokens=max_tokens,
