@@ -97,7 +97,9 @@ async def test_sync_steps_run_in_the_thread_pool_without_blocking_the_loop(app, 
     assert out["async_on_loop"] is True
 
 
-async def test_replay_after_a_signal_returns_recorded_results_without_rerunning(app, wait_status):
+async def test_replay_after_a_signal_returns_recorded_results_without_rerunning(
+    app, wait_status, wait_until
+):
     calls: Counter[str] = Counter()
 
     @app.step(name="one")
@@ -135,7 +137,8 @@ async def test_replay_after_a_signal_returns_recorded_results_without_rerunning(
         run = await wait_status(app, h.id, RunStatus.WAITING)
         assert run.waiting_for == ["go"]
         assert calls == {"workflow": 1, "one": 1, "two": 1, "three": 1}
-        assert not worker.holds(h.id)
+        # The store shows "waiting" as the park commits; the worker lets go just after.
+        await wait_until(lambda: not worker.holds(h.id), what="the worker let the run go")
 
         await app.signal(h.id, "go", 10)
         assert await app.result(h.id, timeout=10) == [1, 2, {"value": 3}, 13]
