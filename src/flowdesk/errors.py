@@ -13,7 +13,8 @@ The tree::
     │   ├── TaskNotFound            no human task has that id
     │   ├── UnknownModelTask        no model task has that name in the gateway's config
     │   ├── ModelNotFound           no trained local model (or version) for that task
-    │   └── UnknownHook             no webhook is registered under that name
+    │   ├── UnknownHook             no webhook is registered under that name
+    │   └── AssistantNotInstalled   the app has no such assistant installed
     ├── InvalidInput                input failed the workflow's input model
     ├── InvalidForm                 task form data failed the form's JSON Schema
     ├── InvalidCursor               a pagination cursor no page returned
@@ -103,6 +104,20 @@ class SchemaTooNew(StoreError):
 
 class NotFound(FlowdeskError):
     """Nothing has that name or id."""
+
+
+class AssistantNotInstalled(NotFound):
+    """The app has no such assistant installed."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"The {name} assistant is not installed on this app: build it with "
+            f"flowdesk.assistants.{name} before serving the API."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name,))
 
 
 class UnknownWorkflow(NotFound):

@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ from pydantic import BaseModel, Field
 
 import flowdesk
 from flowdesk import RunStatus, errors, triggers
+from flowdesk.assistants import approvals, knowledge, support, tickets
 from flowdesk.engine import tasks
 from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity
@@ -437,6 +439,14 @@ ROLES = ("root", "olga", "anna", "vera", None)  # admin, operator, approver, vie
 
 # (method, path, body, {who: status}): "{run}", "{failed}", "{task}", "{claimed}", "{user}"
 # and "{token}" are replaced by a fresh resource for each call that should succeed.
+APPROVAL = {
+    "type": "purchase",
+    "amount": 10,
+    "currency": "EUR",
+    "cost_centre": "CC-100",
+    "justification": "pens",
+}
+MESSAGE = {"thread_id": "th-1", "customer": "c-1", "text": "Where is my card?"}
 MATRIX: list[tuple[str, str, Any, tuple[int, int, int, int, int]]] = [
     ("GET", "/health", None, (200, 200, 200, 200, 200)),
     ("GET", "/ready", None, (200, 200, 200, 200, 200)),
@@ -473,6 +483,9 @@ MATRIX: list[tuple[str, str, Any, tuple[int, int, int, int, int]]] = [
     ("DELETE", "/users/dora/tokens/{token}", None, (204, 403, 403, 403, 401)),
     # Signed with the hook's secret (any bearer token, or none, is ignored).
     ("POST", "/hooks/ping", {"n": 1}, (201, 201, 201, 201, 201)),
+    # The assistants (installed by the matrix test): anyone signed in may ask for approval.
+    ("POST", "/approvals", APPROVAL, (201, 201, 201, 201, 401)),
+    ("POST", "/messages", MESSAGE, (202, 202, 403, 403, 401)),
 ]
 
 
@@ -495,6 +508,8 @@ def test_the_matrix_covers_every_route():
 
 
 async def test_role_endpoint_matrix(env):
+    approvals.Approvals(env.app, Path(__file__).parents[2] / "data" / "approvals" / "policy.toml")
+    support.Support(env.app, knowledge.KnowledgeBase([]), tickets.TicketDesk())
     await identity.Identity(env.app).create_user("dora")
     spare_run = await env.start("waiter")
     spare_task = await env.task_of(await env.start("approval", {"amount": 3}))

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 import flowdesk
 from flowdesk import triggers
+from flowdesk.assistants import approvals, knowledge, support, tickets
 from flowdesk.engine import tasks
 from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity
@@ -175,6 +176,18 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     app = flowdesk.App(url, poll_interval=0.05)
     register(app)
     aims["POST /hooks/{name}"] = _hook_aim(app, folder)
+    approvals.Approvals(app, Path(__file__).parents[2] / "data" / "approvals" / "policy.toml")
+    support.Support(app, knowledge.KnowledgeBase([]), tickets.TicketDesk())
+    aims["POST /approvals"] = {
+        "body": {
+            "type": "access",
+            "amount": 0,
+            "currency": "EUR",
+            "cost_centre": "CC-100",
+            "justification": "read access to the wiki",
+        }
+    }
+    aims["POST /messages"] = {"body": {"thread_id": "t1", "customer": "c1", "text": "hello"}}
     log = audit_log.AuditLog(app, folder / "audit.key")
     api = server.create_app(app, audit=log, worker=True)
     port = _free_port()

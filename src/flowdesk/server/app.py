@@ -24,6 +24,7 @@ from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity as ident
 from flowdesk.humans import inbox as inbox_mod
 from flowdesk.server import api, hooks, schemas
+from flowdesk.server import assistants as assistant_routes
 from flowdesk.server import metrics as metrics_routes
 
 log = logging.getLogger("flowdesk.server")
@@ -183,6 +184,7 @@ def create_app(
     api_app.add_exception_handler(Exception, unexpected)
     api_app.include_router(api.router)
     api_app.include_router(hooks.router)
+    api_app.include_router(assistant_routes.router)
     api_app.include_router(metrics_routes.router)
     api_app.state.metrics_access = access
     api_app.add_middleware(observe.logs.RequestContext)

@@ -1,0 +1,270 @@
+"""The support-triage assistant: customer messages in, an answer, a ticket or a person out.
+
+::
+
+    support = Support(app, KnowledgeBase.from_folder("data/support"), TicketDesk(db, api))
+    run_id, started = await support.receive("thread-7", "cust-42", "My card never came")
+
+Each thread is one run of ``support.conversation`` (started with the idempotency key
+``support-thread:<thread id>``); every message, the first included, reaches it as the
+signal ``message``, so a follow-up on a thread whose conversation still runs is handled
+by that run, in order. A conversation ends when no message came for ``idle`` seconds; a
+later message on the thread starts the next conversation (key
+``support-thread:<thread id>:after:<previous run id>``).
+
+Each message goes through:
+
+1. PII redaction (`flowdesk.models.pii.Redactor`, a step): only the redacted text goes
+   further (model, ticket, knowledge search, the person's task);
+2. intent classification with out-of-scope detection: ``ctx.model(intent_task, text)``
+   (a local classifier through the gateway; its out-of-scope label or a confidence below
+   ``out_of_scope_below`` means out of scope);
+3. sentiment and priority from word lists (`sentiment`, `priority`: documented there);
+4. one outcome: **answer** (the best knowledge-base articles by BM25, cited), **ticket**
+   (`TicketDesk`, keyed by the step's idempotency key) when the knowledge base has nothing
+   good enough, or **escalate** (a human task with the suggestion and its confidence, due by
+   the priority's SLA and reassigned to ``escalate_to`` when overdue) when the message is
+   out of scope, the gateway says a person should decide, or the priority is high.
+
+No language model is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from flowdesk import errors
+from flowdesk.assistants import installed
+from flowdesk.assistants import knowledge as kb
+from flowdesk.assistants import tickets as tk
+from flowdesk.engine import tasks
+from flowdesk.engine.app import App
+from flowdesk.engine.context import Context, current_step
+from flowdesk.models import pii
+
+__all__ = ["CONVERSATION", "Review", "Support", "priority", "sentiment"]
+
+CONVERSATION = "support.conversation"
+MESSAGE = "message"
+
+_WORD = re.compile(r"[a-z']+")
+NEGATIVE = frozenset(
+    "angry annoyed awful bad broken disappointed disgusting frustrated furious hate horrible "
+    "joke never ridiculous scam terrible unacceptable useless worst wrong".split()
+)
+POSITIVE = frozenset("appreciate excellent glad great happy love perfect thank thanks".split())
+URGENT = frozenset(
+    "urgent urgently immediately asap emergency fraud stolen hacked unauthorised "
+    "unauthorized compromised".split()
+)
+HIGH_RISK_INTENTS = frozenset(
+    {
+        "lost_or_stolen_card",
+        "lost_or_stolen_phone",
+        "compromised_card",
+        "card_payment_not_recognised",
+        "cash_withdrawal_not_recognised",
+        "direct_debit_payment_not_recognised",
+    }
+)
+DEFAULT_SLA = {"high": 15 * 60.0, "medium": 4 * 3600.0, "low": 24 * 3600.0}
+
+
+def sentiment(text: str) -> str:
+    """``negative`` when the message has more words of `NEGATIVE` than of `POSITIVE`
+    (a word right after "not"/"no" counts for the other side), ``positive`` for the
+    reverse, else ``neutral``. Plain word lists: fast, explainable, and good enough to
+    order a queue; not a model."""
+    words = _WORD.findall(text.lower())
+    score = 0
+    for i, word in enumerate(words):
+        flip = -1 if i > 0 and words[i - 1] in ("not", "no", "never") else 1
+        if word in NEGATIVE:
+            score -= flip
+        elif word in POSITIVE:
+            score += flip
+    return "negative" if score < 0 else "positive" if score > 0 else "neutral"
+
+
+def priority(text: str, intent: str, mood: str) -> str:
+    """``high`` for an urgent word (`URGENT`) or a high-risk intent (`HIGH_RISK_INTENTS`:
+    money or a card possibly in the wrong hands), ``medium`` for a negative message,
+    else ``low``."""
+    words = set(_WORD.findall(text.lower()))
+    if words & URGENT or intent in HIGH_RISK_INTENTS:
+        return "high"
+    return "medium" if mood == "negative" else "low"
+
+
+class Review(BaseModel):
+    """What the person decides for an escalated message."""
+
+    action: Literal["answer", "ticket", "close"]
+    reply: str = Field(default="", max_length=10_000)
+
+
+class Support:
+    """Registers the assistant's workflow and steps on ``app``."""
+
+    def __init__(
+        self,
+        app: App,
+        knowledge: kb.KnowledgeBase,
+        desk: tk.TicketDesk,
+        *,
+        intent_task: str = "support_intent",
+        out_of_scope_label: str = "out_of_scope",
+        out_of_scope_below: float = 0.2,
+        min_answer_score: float = 2.0,
+        answer_below_confidence: float = 0.5,
+        sla: Mapping[str, float] | None = None,
+        agents: Sequence[str] = (),
+        agent_groups: Sequence[str] = ("support",),
+        escalate_to: Sequence[str] = (),
+        idle: float = 3600.0,
+        redactor: pii.Redactor | None = None,
+    ) -> None:
+        self.app = app
+        self.knowledge = knowledge
+        self.desk = desk
+        self.intent_task = intent_task
+        self.oos_label = out_of_scope_label
+        self.oos_below = out_of_scope_below
+        self.min_score = min_answer_score
+        self.answer_below = answer_below_confidence
+        self.sla = {**DEFAULT_SLA, **(sla or {})}
+        self.agents = list(agents)
+        self.agent_groups = list(agent_groups)
+        self.escalate_to = list(escalate_to)
+        self.idle = idle
+        self.redactor = redactor or pii.Redactor()
+        self._register()
+        installed.of(app).support = self
+
+    async def receive(
+        self, thread_id: str, customer: str, text: str, *, email: str | None = None
+    ) -> tuple[str, bool]:
+        """Deliver a message to its thread's running conversation, or start one.
+        Returns ``(run id, started)``."""
+        key = f"support-thread:{thread_id}"
+        for _ in range(1000):
+            handle = await self.app.start(
+                CONVERSATION, {"thread_id": thread_id, "customer": customer}, idempotency_key=key
+            )
+            try:
+                await self.app.signal(handle.id, MESSAGE, {"text": text, "email": email})
+            except errors.InvalidState:  # that conversation ended: the next one
+                key = f"support-thread:{thread_id}:after:{handle.id}"
+                continue
+            return handle.id, handle.created
+        raise errors.InvalidState(f"Thread {thread_id}: too many conversations.")
+
+    def _register(self) -> None:
+        app = self.app
+
+        @app.step(name="support.redact")
+        def redact(text: str) -> dict[str, Any]:
+            found = self.redactor.redact(text)
+            return {"text": found.text, "redactions": dict(found.counts)}
+
+        @app.step(name="support.search")
+        def search(query: str) -> list[dict[str, Any]]:
+            return [dataclasses.asdict(h) for h in self.knowledge.search(query, k=3)]
+
+        @app.step(name="support.ticket")
+        async def ticket(row: tk.TicketRow) -> dict[str, Any]:
+            info = current_step()
+            assert info is not None
+            return await self.desk.create(row, info.idempotency_key)
+
+        async def handle(
+            ctx: Context, thread_id: str, customer: str, message: dict[str, Any]
+        ) -> dict[str, Any]:
+            clean: dict[str, Any] = await ctx.step(redact, str(message["text"]))
+            text = clean["text"]
+            answer = await ctx.model(self.intent_task, text, data="internal", key=thread_id)
+            intent = str(answer.label)
+            confidence = float(answer.confidence or 0.0)
+            out_of_scope = intent == self.oos_label or confidence < self.oos_below
+            mood = sentiment(text)
+            level = priority(text, intent, mood)
+            query = text if out_of_scope else f"{text} {intent.replace('_', ' ')}"
+            hits: list[dict[str, Any]] = await ctx.step(search, query)
+            good = [h for h in hits if h["score"] >= self.min_score]
+            suggestion = (
+                {"answer": good[0]["excerpt"], "citations": [h["id"] for h in good]}
+                if good
+                else None
+            )
+            result: dict[str, Any] = {
+                "text": text,
+                "redactions": clean["redactions"],
+                "intent": intent,
+                "confidence": confidence,
+                "out_of_scope": out_of_scope,
+                "model": f"{answer.model}:{answer.version}",
+                "sentiment": mood,
+                "priority": level,
+                "suggestion": suggestion,
+            }
+            row = tk.TicketRow(
+                thread_id=thread_id,
+                customer=customer,
+                intent=intent,
+                priority=level,
+                sentiment=mood,
+                text=text,
+            )
+            if out_of_scope or answer.escalate or level == "high":
+                why = (
+                    "out of scope"
+                    if out_of_scope
+                    else "high priority"
+                    if level == "high"
+                    else "low model confidence"
+                )
+                due = timedelta(seconds=self.sla[level])
+                review = await ctx.human_task(
+                    "support.review",
+                    title=f"[{level}] {customer}: {intent} ({why})",
+                    form=Review,
+                    context={**result, "thread_id": thread_id, "why": why},
+                    candidates=tasks.Assignees(users=self.agents, groups=self.agent_groups),
+                    due=due,
+                    priority={"high": 2, "medium": 1, "low": 0}[level],
+                    labels=[level, intent],
+                    escalation=(
+                        tasks.Escalation.reassign(
+                            users=self.escalate_to, reason=f"{level} priority SLA passed"
+                        )
+                        if self.escalate_to
+                        else None
+                    ),
+                )
+                result.update(outcome="escalated", why=why, review=review.model_dump())
+                if review.action == "ticket":
+                    result["ticket"] = await ctx.step(ticket, row)
+                return result
+            if suggestion is not None and confidence >= self.answer_below:
+                result.update(outcome="answered", reply=suggestion)
+                return result
+            filed: dict[str, Any] = await ctx.step(ticket, row)
+            result.update(outcome="ticket", ticket=filed)
+            return result
+
+        @app.workflow(CONVERSATION)
+        async def conversation(ctx: Context, thread_id: str, customer: str) -> dict[str, Any]:
+            handled: list[dict[str, Any]] = []
+            while True:
+                try:
+                    message = await ctx.wait_signal(MESSAGE, timeout=self.idle)
+                except errors.WaitTimeout:
+                    break
+                handled.append(await handle(ctx, thread_id, customer, message))
+            return {"thread_id": thread_id, "customer": customer, "messages": handled}
