@@ -19,10 +19,12 @@ or point the CLI at it from another terminal::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from pydantic import BaseModel, Field
@@ -131,13 +133,21 @@ def _save_token(secret: str) -> None:
         f.write(secret + "\n")
 
 
-async def feed(stop: asyncio.Event) -> None:
-    """Sample orders, started by omar; dana answers the approval tasks a moment later."""
+async def feed(stop: asyncio.Event, helpers: Any) -> None:
+    """Sample orders, started by omar; dana answers the approval tasks a moment later.
+    With the assistants: approval requests and customer messages, and their people."""
     dana = (await Identity(app).get_user("dana")).person()
     inbox = Inbox(app)
     n = 0
     while not stop.is_set():
         n += 1
+        if helpers is not None:
+            module, approvals, support = helpers
+            try:
+                await module.feed(approvals, support, n)
+                await module.answer(inbox)
+            except flowdesk.FlowdeskError as exc:
+                print(f"  assistant sample failed: {exc}")
         amount = round(random.uniform(5, 150), 2)
         token = audit.ACTOR.set("omar")  # as if omar called the API
         try:
@@ -162,6 +172,18 @@ async def feed(stop: asyncio.Event) -> None:
 async def demo() -> None:
     """The API server with an embedded worker, plus the sample feed, until Ctrl-C."""
     await bootstrap()
+    async with contextlib.AsyncExitStack() as stack:
+        helpers = None
+        if os.environ.get("FLOWDESK_DEMO_ASSISTANTS", "1") != "0":
+            import assistants  # examples/assistants.py: the approvals and support assistants
+
+            print("installing the approvals and support assistants (first start trains a model)")
+            approvals, support = await assistants.install(app, stack)
+            helpers = (assistants, approvals, support)
+        await _serve(helpers)
+
+
+async def _serve(helpers: Any) -> None:
     api = create_app(app, audit=AuditLog(app, every=500), worker=True)
     port = int(os.environ.get("FLOWDESK_PORT", "8000"))
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
@@ -171,7 +193,7 @@ async def demo() -> None:
     serving = asyncio.create_task(server.serve())
     while not server.started and not serving.done():
         await asyncio.sleep(0.05)
-    feeder = asyncio.create_task(feed(stop))
+    feeder = asyncio.create_task(feed(stop, helpers))
     try:
         await serving  # uvicorn stops on Ctrl-C / SIGTERM and shuts the worker down
     finally:

@@ -1,6 +1,6 @@
 """What `make run` starts (examples/orders.py), as a newcomer would use it: the API answers,
-sample orders flow through it, a person's approvals resume runs, the audit chain verifies,
-and Ctrl-C stops it cleanly."""
+sample orders, approval requests and support messages flow through it, people's decisions
+resume runs, the audit chain verifies, and Ctrl-C stops it cleanly."""
 
 from __future__ import annotations
 
@@ -67,8 +67,17 @@ def test_the_demo_serves_the_api_with_work_flowing_and_stops_cleanly(
         return bool(done) and bool(tasks["items"])
 
     _poll(approved_and_finished, "a finished order and a completed approval task", 90)
-    task = httpx.get(base + "/tasks", params={"status": "completed"}, headers=auth).json()
-    assert task["items"][0]["completed_by"] == "dana"
+    done = httpx.get(base + "/tasks", params={"status": "completed", "limit": 200}, headers=auth)
+    assert "dana" in {t["completed_by"] for t in done.json()["items"]}
+
+    def assistants_at_work() -> bool:
+        runs = httpx.get(base + "/runs", params={"limit": 500}, headers=auth, timeout=5).json()
+        kinds = {r["workflow"] for r in runs["items"] if r["status"] == "succeeded"}
+        return {"approvals.request", "orders.fulfil"} <= kinds and any(
+            r["workflow"] == "support.conversation" for r in runs["items"]
+        )
+
+    _poll(assistants_at_work, "decided approval requests and support conversations", 120)
 
     os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C
     assert demo.popen.wait(timeout=30) == 0, demo.describe()

@@ -1,0 +1,149 @@
+"""The reference assistants in the demo: approvals (a policy and people decide requests) and
+support triage (a local intent model answers, files tickets or asks a person).
+
+`install` registers both on an app: the approvals policy from data/approvals/policy.toml,
+a support intent model trained once on Banking77 (TF-IDF, a few seconds; kept in
+./flowdesk-models/), the knowledge base in data/support/, and tickets written to the SQL
+table ``tickets`` of ./tickets.db through the SQL connector. `feed` sends sample requests
+and messages; `answer` plays the people who decide what lands in the inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import random
+import sqlite3
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import flowdesk
+from flowdesk.assistants import approvals as appr
+from flowdesk.assistants import knowledge as kb
+from flowdesk.assistants import support as sup
+from flowdesk.assistants import tickets as tk
+from flowdesk.connectors import sql
+from flowdesk.humans.inbox import Inbox
+from flowdesk.models import registry, training
+from flowdesk.models.gateway import Gateway
+from flowdesk.store.people import Person
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = Path("flowdesk-models")
+TASK = "support_intent"
+
+# (user, roles, groups): the approvers the policy names, and the support desk.
+PEOPLE = [
+    ("anna", ["approver"], ["managers"]),
+    ("bob", ["approver"], ["managers"]),
+    ("carl", ["approver"], ["managers"]),
+    ("fiona", ["approver"], ["finance"]),
+    ("owen", ["approver"], ["finance"]),
+    ("cfo", ["approver"], ["finance"]),
+    ("sam", ["approver"], ["support"]),
+    ("lead", ["approver"], ["support"]),
+]
+REQUESTERS = ["erin", "frank", "gina"]
+
+
+def _messages() -> list[str]:
+    with (ROOT / "data" / "banking77" / "train.csv").open(encoding="utf-8") as f:
+        return [row["text"] for row in csv.DictReader(f)]
+
+
+def _train_intents() -> Path:
+    """The support intent model and the gateway config that serves it (trained once)."""
+    config = MODELS / "support.toml"
+    if config.exists():
+        return config
+    examples = training.load_examples(
+        ROOT / "data" / "banking77" / "train.csv", label_column="category"
+    )
+    result = training.train(examples, features="tfidf")
+    registry.Registry(MODELS).register(TASK, result.classifier, result.meta)
+    labels = ", ".join(f'"{label}"' for label in sorted(set(examples.labels)))
+    config.write_text(
+        f'[providers.local]\ntype = "local"\ntask = "{TASK}"\nmodels_dir = "{MODELS}"\n\n'
+        f'[models.intent]\nprovider = "local"\nmodel = "{TASK}"\n'
+        'capabilities = ["classify"]\n\n'
+        f'[tasks.{TASK}]\ncapability = "classify"\nlabels = [{labels}]\n'
+        'chain = ["intent"]\nconfidence_threshold = 0.3\n',
+        encoding="utf-8",
+    )
+    return config
+
+
+def _tickets_db() -> Path:
+    db = Path("tickets.db")
+    with sqlite3.connect(db) as conn:
+        conn.execute(tk.TICKETS_DDL)
+    return db
+
+
+async def install(app: flowdesk.App, stack: AsyncExitStack) -> tuple[Any, Any]:
+    """Register both assistants on ``app``; connectors close with ``stack``."""
+    identity_users = {u.id for u in await app.store.list_users()}
+    from flowdesk.governance.identity import Identity
+
+    identity = Identity(app)
+    for user, roles, groups in PEOPLE:
+        if user not in identity_users:
+            await identity.create_user(user, roles=roles, groups=groups)
+    config = await asyncio.to_thread(_train_intents)
+    app.gateway = Gateway.from_toml(config)
+    approvals = appr.Approvals(app, ROOT / "data" / "approvals" / "policy.toml")
+    db = await asyncio.to_thread(_tickets_db)
+    database = await stack.enter_async_context(
+        sql.SqlConnector("tickets-db", app, f"sqlite:///{db.resolve()}")
+    )
+    support = sup.Support(
+        app,
+        kb.KnowledgeBase.from_folder(ROOT / "data" / "support"),
+        tk.TicketDesk(database),
+        agent_groups=["support"],
+        escalate_to=["lead"],
+    )
+    return approvals, support
+
+
+async def feed(approvals: Any, support: Any, n: int) -> None:
+    """One approval request and one customer message (every few ticks)."""
+    messages = _messages()
+    if n % 3 == 0:
+        amount = round(random.choice([80, 450, 900, 2500, 12000, 30000]) * random.random(), 2)
+        await approvals.submit(
+            appr.ApprovalRequest(
+                type=random.choice(["purchase", "access", "expense"]),
+                amount=amount,
+                currency="EUR",
+                cost_centre=random.choice(["CC-100", "CC-200"]),
+                requester=random.choice(REQUESTERS),
+                justification="demo request",
+                vendor=random.choice(["Acme GmbH", "Paper & Co", "Shady Supplies Ltd"]),
+            )
+        )
+    thread = f"T{n // 2:05d}"  # two messages per thread: the second is a follow-up
+    await support.receive(thread, f"customer-{n // 2}", random.choice(messages))
+
+
+async def answer(inbox: Inbox) -> None:
+    """The people: each open approval or support review gets a decision."""
+    page = await inbox.tasks(None, status=["open", "claimed"], limit=50)
+    for task in page.items:
+        if task.kind == "approval":
+            person = Person(task.assignee or (task.users or ["anna"])[0])
+            data: dict[str, Any] = {"approve": random.random() < 0.85, "comment": "demo"}
+        elif task.kind == "support.review":
+            person = Person(task.assignee or "sam", groups=("support",))
+            data = {"action": "ticket", "reply": ""}
+        else:
+            continue
+        if person.id == task.initiator:
+            continue
+        try:
+            await inbox.complete(task.id, person, data)
+        except flowdesk.FlowdeskError as exc:
+            print(f"  {person.id} could not complete {task.id}: {exc}")
+            continue
+        print(f"  {person.id} completed {task.kind}: {task.title}")
