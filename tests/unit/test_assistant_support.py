@@ -184,7 +184,9 @@ async def test_messages_through_the_api_answer_file_or_escalate(
         async with app:
             ids = identity.Identity(app)
             await ids.create_user("olga", roles=["operator"])
+            await ids.create_user("sam", roles=["approver"])
             token = (await ids.create_token("olga"))[1]
+            sam_token = (await ids.create_token("sam"))[1]
             api = server.create_app(app, audit=audit_log.AuditLog(app, tmp_path / "audit.key"))
             headers = {"Authorization": f"Bearer {token}"}
             async with (
@@ -221,7 +223,13 @@ async def test_messages_through_the_api_answer_file_or_escalate(
                 (task,) = (await wait_until(lambda: _open(inbox), what="review task")).items
                 assert task.context["out_of_scope"] and "confidence" in task.context
                 assert task.context["why"] == "out of scope"
-                await inbox.complete(task.id, Person(id="sam"), {"action": "ticket"})
+                # the person decides through the REST API, as the inbox UI does
+                decided = await client.post(
+                    f"/tasks/{task.id}/complete",
+                    headers={"Authorization": f"Bearer {sam_token}"},
+                    json={"data": {"action": "ticket"}},
+                )
+                assert decided.status_code == 200, decided.text
                 escalated = await wait_status(app, oos["run_id"], RunStatus.SUCCEEDED)
         msgs = done.output["messages"]
         assert [m["intent"] for m in msgs] == ["card_arrival", "exchange_rate"]
