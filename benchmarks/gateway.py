@@ -283,7 +283,7 @@ def trained_model(features: str) -> tuple[str, str, list[str]]:
     here on Banking77."""
     from flowdesk.models import registry, training
 
-    examples = training.load_examples(BANKING77)
+    examples = training.load_examples(BANKING77, label_column="category")
     texts = list(examples.texts[:2000])
     models_dir = os.environ.get("FLOWDESK_BENCH_MODELS_DIR")
     task = os.environ.get("FLOWDESK_BENCH_TASK")
