@@ -15,13 +15,12 @@ from typing import Any
 from flowdesk import codec, errors
 from flowdesk.engine.app import App
 from flowdesk.humans import forms
+from flowdesk.store import people
 from flowdesk.store.people import Person, TaskEvent, TaskPage, TaskQuery, TaskRecord
 
 
 def visible(task: TaskRecord, who: Person | None) -> bool:
-    if who is None or who.privileged or task.assignee == who.id or who.id in task.users:
-        return True
-    return bool(set(who.groups) & set(task.groups) or set(who.roles) & set(task.roles))
+    return who is None or people.may_act(who, task.assignee, task.users, task.groups, task.roles)
 
 
 class Inbox:

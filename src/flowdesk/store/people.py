@@ -44,6 +44,24 @@ class Person:
     privileged: bool = False
 
 
+def may_act(
+    who: Person,
+    assignee: str | None,
+    users: Sequence[str],
+    groups: Sequence[str],
+    roles: Sequence[str],
+) -> bool:
+    """May ``who`` see and act on a task with these candidates? Privileged people, the
+    assignee, and any candidate user or member of a candidate group or role may."""
+    return (
+        who.privileged
+        or assignee == who.id
+        or who.id in users
+        or bool(set(who.groups) & set(groups))
+        or bool(set(who.roles) & set(roles))
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NewTask:
     id: str

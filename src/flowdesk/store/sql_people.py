@@ -18,13 +18,9 @@ _ACTIVE_TASK = "('open', 'claimed')"
 
 def _candidate(task: Sequence[Any], who: Person) -> bool:
     """May ``who`` act on the task row (candidates JSON at [0], assignee at [1])?"""
-    if who.privileged or task[1] == who.id:
-        return True
     cands = json.loads(task[0])
-    return (
-        who.id in cands.get("users", [])
-        or bool(set(who.groups) & set(cands.get("groups", [])))
-        or bool(set(who.roles) & set(cands.get("roles", [])))
+    return people.may_act(
+        who, task[1], cands.get("users", []), cands.get("groups", []), cands.get("roles", [])
     )
 
 
