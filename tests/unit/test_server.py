@@ -514,6 +514,9 @@ async def test_role_endpoint_matrix(env):
     spare_run = await env.start("waiter")
     spare_task = await env.task_of(await env.start("approval", {"amount": 3}))
     counter = iter(range(1_000_000))
+    # One clock reading for every signed delivery: each gets its own second below it, so
+    # no two deliveries share a timestamp even when the clock ticks between them.
+    signed_at = int(time.time())
 
     async def fresh(kind: str, who: str | None) -> str:
         if kind == "run":
@@ -550,8 +553,7 @@ async def test_role_endpoint_matrix(env):
             kwargs: dict[str, Any] = {} if payload is None else {"json": payload}
             if path.startswith("/hooks/"):  # a webhook: signed, with a fresh delivery id
                 raw, n = json.dumps(payload).encode(), next(counter)
-                # one signed request per delivery: another second for each (same body)
-                stamp = int(time.time()) - n
+                stamp = signed_at - n  # a distinct signed request per delivery (same body)
                 headers = webhooks.signed_headers(HOOK_SECRET, raw, f"d{n}", stamp)
                 kwargs = {"content": raw, "headers": headers}
             r = await env.call(method, url, who, **kwargs)

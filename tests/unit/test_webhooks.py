@@ -202,7 +202,7 @@ async def test_missing_and_wrong_signatures_are_refused_with_401(env):
         "no signature": {k: v for k, v in good.items() if k != wh.SIGNATURE_HEADER},
         "no timestamp": {k: v for k, v in good.items() if k != wh.TIMESTAMP_HEADER},
         "wrong secret": wh.signed_headers("not-the-secret", body, "dlv-7"),
-        "other timestamp": {**good, wh.TIMESTAMP_HEADER: str(int(time.time()) - 1)},
+        "other timestamp": {**good, wh.TIMESTAMP_HEADER: str(int(good[wh.TIMESTAMP_HEADER]) - 1)},
         "other scheme": {
             **good,
             wh.SIGNATURE_HEADER: good[wh.SIGNATURE_HEADER].replace("v1", "v0"),
