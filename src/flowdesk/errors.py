@@ -337,7 +337,20 @@ class SerializationError(FlowdeskError):
 
 
 class IdempotencyConflict(FlowdeskError):
-    """The idempotency key was already used for a different workflow or input."""
+    """The idempotency key was already used for a different workflow or input.
+
+    ``run_id`` names the run that holds the key (None when unknown)."""
+
+    def __init__(self, message: str | None = None, *, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_conflict, (self.message, self.run_id))
+
+
+def _rebuild_conflict(message: str, run_id: str | None) -> IdempotencyConflict:
+    return IdempotencyConflict(message, run_id=run_id)
 
 
 class InvalidState(FlowdeskError):

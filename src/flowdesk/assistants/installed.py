@@ -10,6 +10,7 @@ from flowdesk import errors
 
 if TYPE_CHECKING:
     from flowdesk.assistants.approvals import Approvals
+    from flowdesk.assistants.invoices import Invoices
     from flowdesk.assistants.support import Support
     from flowdesk.engine.app import App
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 class Installed:
     approvals: Approvals | None = None
     support: Support | None = None
+    invoices: Invoices | None = None
 
 
 _INSTALLED: weakref.WeakKeyDictionary[App, Installed] = weakref.WeakKeyDictionary()
@@ -41,4 +43,11 @@ def support(app: App) -> Support:
     found = of(app).support
     if found is None:
         raise errors.AssistantNotInstalled("support")
+    return found
+
+
+def invoices(app: App) -> Invoices:
+    found = of(app).invoices
+    if found is None:
+        raise errors.AssistantNotInstalled("invoices")
     return found

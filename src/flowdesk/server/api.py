@@ -110,6 +110,8 @@ _STATUS_TEXT = {
     403: "The user's roles (or the four-eyes rule) do not allow this.",
     404: "No such thing, or one the user may not see.",
     409: "The current state does not allow this (or the key was used for other work).",
+    413: "The request body is larger than allowed.",
+    415: "The request body's media type is not one this route takes.",
     422: "The request (or the form, or the workflow input) is invalid.",
     503: "The store does not answer.",
 }

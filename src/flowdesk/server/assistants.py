@@ -1,18 +1,23 @@
 """REST routes of the reference assistants: ``POST /approvals`` (a request for the
-approvals assistant; the acting user is the requester) and ``POST /messages`` (a customer
+approvals assistant; the acting user is the requester), ``POST /messages`` (a customer
 message for the support assistant; follow-ups on a thread signal its running
-conversation). Each answers 404 ``AssistantNotInstalled`` when the app has no such
-assistant (`flowdesk.assistants.approvals.Approvals`, `flowdesk.assistants.support.Support`).
+conversation) and ``POST /invoices`` (a document, or an e-mail with invoices attached, for
+the invoice assistant). Each answers 404 ``AssistantNotInstalled`` when the app has no such
+assistant (`flowdesk.assistants.approvals.Approvals`, `flowdesk.assistants.support.Support`,
+`flowdesk.assistants.invoices.Invoices`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from flowdesk import errors
 from flowdesk.assistants import installed
+from flowdesk.assistants import invoices as inv
 from flowdesk.assistants.approvals import ApprovalRequest
 from flowdesk.server import api
 from flowdesk.server import schemas as s
@@ -98,3 +103,102 @@ async def take_message(
         body.thread_id, body.customer, body.text, email=body.email
     )
     return MessageOut(run_id=run_id, thread_id=body.thread_id, started=started)
+
+
+class InvoiceRun(BaseModel):
+    run_id: str
+    document_id: str
+    name: str
+    created: bool
+    """False when the same file was sent before: this is the run it started then."""
+
+
+class InvoicesOut(BaseModel):
+    runs: list[InvoiceRun]
+
+
+_DOCUMENT_TYPES = (*sorted(inv.ATTACHMENT_TYPES), "application/octet-stream")
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > limit:
+        raise errors.DocumentTooLarge(f"the file is {size} bytes; the limit is {limit}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise errors.DocumentTooLarge(f"the file is over the {limit} byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post(
+    "/invoices",
+    status_code=201,
+    response_model=InvoicesOut,
+    responses=api.errs(*api.AUTH, 404, 413, 415, 422),
+    summary="Send an invoice (a PDF or image file, or an e-mail with invoices attached)",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                t: {"schema": {"type": "string", "format": "binary"}}
+                for t in (
+                    *_DOCUMENT_TYPES,
+                    "message/rfc822",
+                )
+            },
+        }
+    },
+)
+async def send_invoice(
+    request: Request,
+    svc: api.Svc,
+    user: RunsWrite,
+    name: Annotated[str, Query(min_length=1, max_length=300, description="The file's name.")] = (
+        "invoice"
+    ),
+    locale: Annotated[
+        str | None,
+        Query(pattern=r"^[a-z]{2}(_[A-Z]{2})?$", description="The vendor's locale, e.g. de_DE."),
+    ] = None,
+) -> InvoicesOut:
+    """The body is the file itself (``Content-Type: application/pdf``, ``image/png``,
+    ``image/jpeg`` or ``image/tiff``), or a whole e-mail (``message/rfc822``), each PDF or
+    image attachment of which is one invoice. The same file sent twice gives the same run.
+    A file that cannot be read is still taken: its run records why and asks a person."""
+    invoices = installed.invoices(svc.app)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in (*_DOCUMENT_TYPES, "message/rfc822"):
+        raise errors.UnsupportedDocument(
+            f"Content-Type {kind or '(none)'!r} is not taken here: send the file as "
+            f"{', '.join(_DOCUMENT_TYPES)}, or an e-mail as message/rfc822"
+        )
+    data = await _body(request, inv.MAX_FILE_BYTES)
+    if not data:
+        raise errors.EmptyDocument(f"{name}: the request body is empty (0 bytes)")
+    if kind == "message/rfc822":
+        found = inv.attachments(data)
+        if not found:
+            raise errors.UnsupportedDocument("the e-mail has no PDF or image attachment")
+    else:
+        found = [(name, data)]
+    runs = []
+    for file_name, content in found:
+        handle = await invoices.submit(
+            content,
+            file_name,
+            source="email" if kind == "message/rfc822" else "api",
+            locale=locale,
+            submitted_by=user.id,
+        )
+        runs.append(
+            InvoiceRun(
+                run_id=handle.id,
+                document_id=hashlib.sha256(content).hexdigest(),
+                name=file_name,
+                created=handle.created,
+            )
+        )
+    return InvoicesOut(runs=runs)

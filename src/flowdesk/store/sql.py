@@ -451,7 +451,8 @@ class SqlTx(base.Tx):
                 f"Idempotency key {run.idempotency_key!r} was already used by run "
                 f"{row[0]} of workflow {row[1]!r} with "
                 f"{'another workflow' if row[1] != run.workflow else 'different input'}"
-                ". Use a new key for new work."
+                ". Use a new key for new work.",
+                run_id=str(row[0]),
             )
         return str(row[0])
 
