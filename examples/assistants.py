@@ -1,5 +1,6 @@
-"""The reference assistants in the demo: approvals (a policy and people decide requests) and
-support triage (a local intent model answers, files tickets or asks a person).
+"""The reference assistants in the demo: approvals (a policy and people decide requests),
+support triage (a local intent model answers, files tickets or asks a person) and invoices
+(examples/invoice_demo.py: sample invoices from a watched folder into an ERP ledger).
 
 `install` registers both on an app: the approvals policy from data/approvals/policy.toml,
 a support intent model trained once on Banking77 (TF-IDF, a few seconds; kept in
@@ -90,7 +91,10 @@ async def install(app: flowdesk.App, stack: AsyncExitStack) -> tuple[Any, Any]:
     for user, roles, groups in PEOPLE:
         if user not in identity_users:
             await identity.create_user(user, roles=roles, groups=groups)
+    import invoice_demo  # examples/invoice_demo.py: the invoice assistant on a watched folder
+
     config = await asyncio.to_thread(_train_intents)
+    config = await asyncio.to_thread(invoice_demo.models_config, config)
     app.gateway = Gateway.from_toml(config)
     approvals = appr.Approvals(app, ROOT / "data" / "approvals" / "policy.toml")
     db = await asyncio.to_thread(_tickets_db)
@@ -104,6 +108,7 @@ async def install(app: flowdesk.App, stack: AsyncExitStack) -> tuple[Any, Any]:
         agent_groups=["support"],
         escalate_to=["lead"],
     )
+    await invoice_demo.install(app, stack)
     return approvals, support
 
 

@@ -177,7 +177,10 @@ async def demo() -> None:
         if os.environ.get("FLOWDESK_DEMO_ASSISTANTS", "1") != "0":
             import assistants  # examples/assistants.py: the approvals and support assistants
 
-            print("installing the approvals and support assistants (first start trains a model)")
+            print(
+                "installing the approvals, support and invoice assistants "
+                "(first start trains their models)"
+            )
             approvals, support = await assistants.install(app, stack)
             helpers = (assistants, approvals, support)
         await _serve(helpers)

@@ -6,6 +6,7 @@ database) written through the SQL connector, and the REST API in process."""
 
 from __future__ import annotations
 
+import asyncio
 import email.message
 import json
 from collections.abc import AsyncIterator, Callable
@@ -122,7 +123,7 @@ class FlakyErp(inv.Erp):
 
     posts = 0
 
-    async def post(self, row: inv.ApRow, key: str) -> sql.UpsertResult:
+    async def post(self, row: inv.ApRow, key: str) -> dict[str, Any]:
         written = await super().post(row, key)
         type(self).posts += 1
         if type(self).posts == 1:
@@ -297,8 +298,6 @@ async def test_dropped_files_and_emails_and_what_cannot_be_read(
     watcher = invoices.watch(folder, interval=0.05, settle=0.0)
     try:
         async with app, app.worker(concurrency=4):
-            import asyncio
-
             watching = asyncio.create_task(watcher.run())
             page = await wait_until(
                 lambda: _count(inbox, 2), timeout=60, what="two unreadable files in the inbox"
@@ -344,3 +343,24 @@ async def _finished(app: flowdesk.App, folder: Path) -> Any:
         if all(r.status.finished for r in [*runs, *intake]):
             return [await app.get_run(r.id) for r in runs]
     return None
+
+
+async def test_two_copies_of_one_invoice_posted_at_once_make_one_ledger_row(erp) -> None:
+    facts = truth(CLEAN)
+    row = inv.ApRow.model_validate(
+        {**facts, "document_id": "d" * 64, "run_id": "r1", "vendor_id": "V-100",
+         "approval": "auto", "approved_by": None}
+    )  # fmt: skip
+    # The same vendor and number, read from another copy (spacing and case differ).
+    copy = row.model_copy(
+        update={"document_id": "e" * 64, "run_id": "r2", "vendor_tax_id": "ie 7157857 d"}
+    )
+    base = inv.Erp(erp.connector)
+    first, second = await asyncio.gather(base.post(row, "r1-3"), base.post(copy, "r2-3"))
+    outcomes = sorted([first, second], key=lambda o: "duplicate_of" in o)
+    assert outcomes[0]["inserted"] is True and "duplicate_of" not in outcomes[0]
+    assert outcomes[1]["duplicate_of"] == outcomes[0]["idempotency_key"]
+    assert len(await erp.ledger()) == 1
+    # the winner's own replay is no duplicate: it finds its own row
+    again = await base.post(row if first["inserted"] else copy, outcomes[0]["idempotency_key"])
+    assert again == {"idempotency_key": outcomes[0]["idempotency_key"], "inserted": False}

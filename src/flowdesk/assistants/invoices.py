@@ -107,6 +107,7 @@ MAX_FILE_BYTES = 50 * 1024 * 1024
 AP_INVOICES_DDL = (
     "CREATE TABLE IF NOT EXISTS ap_invoices ("
     " idempotency_key VARCHAR(200) PRIMARY KEY,"
+    " ledger_key VARCHAR(300) NOT NULL UNIQUE,"
     " document_id VARCHAR(64) NOT NULL,"
     " run_id VARCHAR(200) NOT NULL,"
     " vendor_id VARCHAR(100),"
@@ -158,6 +159,8 @@ label)."""
 
 
 class ApRow(BaseModel):
+    ledger_key: str = ""
+    """One row per vendor and invoice number (`ledger_key`): filled in by `Erp.post`."""
     document_id: str
     run_id: str
     vendor_id: str | None
@@ -243,6 +246,17 @@ _LEDGER = sql.statement(
     " approval, approved_by FROM ap_invoices ORDER BY invoice_number, idempotency_key",
     _Nothing,
 )
+
+
+class _LedgerKey(BaseModel):
+    ledger_key: str
+
+
+_HOLDER = sql.statement(
+    "find_ledger_row",
+    "SELECT idempotency_key FROM ap_invoices WHERE ledger_key = :ledger_key",
+    _LedgerKey,
+)
 _POST = sql.upsert("post_invoice", "ap_invoices", ApRow, on_conflict="ignore")
 _CORRECT = sql.upsert("store_correction", "invoice_corrections", CorrectionRow)
 _FIND_VENDOR = sql.statement(
@@ -277,6 +291,13 @@ def _text(value: Any) -> str | None:
 
 def _compact(value: str | None) -> str:
     return re.sub(r"[\s.\-/]", "", value or "").upper()
+
+
+def ledger_key(tax_id: str | None, vendor_name: str | None, invoice_number: str | None) -> str:
+    """What makes an invoice one in the ledger: the vendor (its tax id, else its name) and
+    its number, both normalised."""
+    vendor = _compact(tax_id) or " ".join((vendor_name or "").lower().split())
+    return f"{vendor}|{_compact(invoice_number)}"
 
 
 class Erp:
@@ -352,8 +373,33 @@ class Erp:
         rows = (await self._call(_LEDGER, {})).rows
         return [r for r in (_jsonable(x) for x in rows) if r is not None]
 
-    async def post(self, row: ApRow, key: str) -> sql.UpsertResult:
-        return await self.connector.call(_POST, row, idempotency_key=key)
+    async def post(self, row: ApRow, key: str) -> dict[str, Any]:
+        """Write ``row`` under ``key`` (the posting step's idempotency key), once.
+
+        Returns ``{"idempotency_key", "inserted"}``, plus ``duplicate_of`` (the key of the
+        row already there) when the ledger holds this vendor's invoice number from another
+        post: the table's unique ``ledger_key`` makes that hold even for two copies of one
+        invoice posted at the same moment."""
+        ledger = ledger_key(row.vendor_tax_id, row.vendor_name, row.invoice_number)
+        holder = await self._holder(ledger)
+        if holder is None:
+            try:
+                written = await self.connector.call(
+                    _POST, row.model_copy(update={"ledger_key": ledger}), idempotency_key=key
+                )
+            except errors.ConnectorRejected:
+                holder = await self._holder(ledger)
+                if holder is None or holder == key:
+                    raise
+            else:
+                return {"idempotency_key": key, "inserted": written.inserted}
+        if holder == key:
+            return {"idempotency_key": key, "inserted": False}
+        return {"idempotency_key": key, "inserted": False, "duplicate_of": holder}
+
+    async def _holder(self, ledger: str) -> str | None:
+        found: sql.SqlResult = await self._call(_HOLDER, _LedgerKey(ledger_key=ledger))
+        return str(found.rows[0]["idempotency_key"]) if found.rows else None
 
     async def correct(self, row: CorrectionRow, key: str) -> sql.UpsertResult:
         return await self.connector.call(_CORRECT, row, idempotency_key=key)
@@ -726,8 +772,7 @@ class Invoices:
         async def post(row: dict[str, Any]) -> dict[str, Any]:
             info = current_step()
             assert info is not None
-            written = await self.erp.post(ApRow.model_validate(row), info.idempotency_key)
-            return {"idempotency_key": written.idempotency_key, "inserted": written.inserted}
+            return await self.erp.post(ApRow.model_validate(row), info.idempotency_key)
 
         @app.step(name="invoices.learn")
         async def learn(rows: list[dict[str, Any]]) -> int:
@@ -878,7 +923,15 @@ class Invoices:
                         "approved_by": approved_by,
                     }
                 )
-                record["ledger"] = await ctx.step(post, row.model_dump(mode="json"))
+                posted: dict[str, Any] = await ctx.step(post, row.model_dump(mode="json"))
+                record["ledger"] = posted
+                if "duplicate_of" in posted:
+                    outcome = "duplicate"
+                    record["reasons"] = [
+                        *record["reasons"],
+                        f"invoice {row.invoice_number} from {row.vendor_name} is already in the "
+                        f"ledger (posted under {posted['duplicate_of']}): not posted again",
+                    ]
             record["outcome"] = outcome
             record["archived"] = await ctx.step(archive_record, ctx.run_id, record)
             return record

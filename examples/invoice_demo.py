@@ -1,0 +1,113 @@
+"""The invoice assistant in the demo: sample invoices flow in from a watched folder.
+
+`install` sets up the ERP (SQLite ``./erp.db``: ``ap_invoices``, a vendor master and open
+purchase orders, seeded from the sample invoices' true values), the document archive
+(``./flowdesk-documents``) and a file drop on ``./invoices-inbox``, and copies the sample
+set from tests/data/invoices into that folder on the first start: digital PDFs and scans
+(JPEG, PNG, TIFF, image-only PDF) in four languages. Most are approved by policy and posted
+to the ledger; a few land in the review inbox of the ``ap`` group (paula): a vendor missing
+from the master, a bank account that differs from the one on file, totals over the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from contextlib import AsyncExitStack
+from decimal import Decimal
+from pathlib import Path
+
+import flowdesk
+from flowdesk.assistants import invoices as inv
+from flowdesk.connectors import sql
+from flowdesk.documents.archive import Archive
+from flowdesk.engine import tasks
+from flowdesk.governance.identity import Identity
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "tests" / "data" / "invoices"
+INBOX = Path("invoices-inbox")
+NOT_IN_MASTER = {"inv-2025-0002", "inv-2025-0008"}  # their vendors are new to the company
+OTHER_IBAN = {"inv-2025-0014": "CH9300762011623852957"}  # the master has another account
+
+
+def models_config(support_toml: Path) -> Path:
+    """The support model's gateway config joined with the invoice risk model's (trained
+    once, in a second or two, on data/invoices/risk.csv)."""
+    joined = support_toml.parent / "assistants.toml"
+    if joined.exists():
+        return joined
+    risk = inv.train_risk_model(ROOT / "data" / "invoices" / "risk.csv", support_toml.parent)
+    joined.write_text(support_toml.read_text(encoding="utf-8") + "\n" + risk, encoding="utf-8")
+    return joined
+
+
+async def _seed(erp: inv.Erp) -> None:
+    for number, truth_file in enumerate(sorted(SAMPLES.glob("*.json")), start=1):
+        truth = json.loads(truth_file.read_text(encoding="utf-8"))
+        if truth["key"] in NOT_IN_MASTER:
+            continue
+        facts = truth["fields"]
+        vendor_id = f"V-{number:03d}"
+        iban = OTHER_IBAN.get(truth["key"], facts["iban"])
+        await erp.add_vendor(
+            vendor_id, facts["vendor_name"], tax_id=facts["vendor_tax_id"], iban=iban,
+            locale=truth["locale"],
+        )  # fmt: skip
+        if facts["po_number"]:
+            amount = Decimal(facts["total"])
+            await erp.add_purchase_order(facts["po_number"], amount, facts["currency"], vendor_id)
+
+
+def _drop_samples() -> int:
+    """Copy the sample set into the watched folder, once (written under a .part name,
+    then renamed, so the watcher never reads half a file)."""
+    INBOX.mkdir(exist_ok=True)
+    marker = INBOX / ".samples-dropped"
+    if marker.exists():
+        return 0
+    count = 0
+    for path in sorted(SAMPLES.iterdir()):
+        if path.suffix.lower() in (".pdf", ".jpg", ".png", ".tiff"):
+            part = INBOX / (path.name + ".part")
+            shutil.copyfile(path, part)
+            part.rename(INBOX / path.name)
+            count += 1
+    marker.write_text("the sample invoices were copied here once\n", encoding="utf-8")
+    return count
+
+
+async def install(app: flowdesk.App, stack: AsyncExitStack) -> inv.Invoices:
+    """The invoice assistant on ``app``, watching ./invoices-inbox until ``stack`` closes."""
+    identity = Identity(app)
+    if "paula" not in {u.id for u in await app.store.list_users()}:
+        await identity.create_user("paula", roles=["approver"], groups=["ap"])
+    erp_file = await asyncio.to_thread(lambda: Path("erp.db").resolve())
+    connector = await stack.enter_async_context(
+        sql.SqlConnector("erp", app, f"sqlite:///{erp_file}")
+    )
+    erp = inv.Erp(connector)
+    await erp.create_tables()
+    await _seed(erp)
+    invoices = inv.Invoices(
+        app,
+        Archive("flowdesk-documents"),
+        erp,
+        policy=inv.InvoicePolicy(max_total=Decimal("50000")),
+        reviewers=tasks.Assignees(groups=["ap"]),
+    )
+    dropped = await asyncio.to_thread(_drop_samples)
+    watcher = invoices.watch(INBOX, interval=1.0, settle=0.5)
+    watching = asyncio.create_task(watcher.run())
+
+    async def stop() -> None:
+        watcher.stop()
+        await watching
+
+    stack.push_async_callback(stop)
+    print(
+        f"invoice assistant: watching {INBOX}/ ({dropped} sample invoices dropped in); "
+        "ledger in erp.db (table ap_invoices); reviews go to paula (group ap)"
+    )
+    return invoices
