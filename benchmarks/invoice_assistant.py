@@ -5,8 +5,9 @@ Sends generated invoices (scans and digital PDFs, from the same fixed-seed set a
 one process, one worker slot so documents go one after another): archive, extraction,
 ERP lookups (a SQLite ERP through the SQL connector), validation, the risk model through
 the gateway, the policy, the ledger post, the archive record and every durable step and
-audit record. A person is played by a loop that rejects what lands in the inbox; the time a
-task waited for it is left out.
+audit record. The vendor master and purchase orders hold what the invoices refer to; the
+policy lets through anything without a validation error. A person is played by a loop that
+rejects what lands in the inbox; the time a task waited for it is left out.
 
 It prints documents per minute, the time inside OCR (Tesseract and its image preparation),
 inside the rest of extraction, and outside extraction: the orchestration. The target is an
@@ -95,7 +96,23 @@ async def reviewer(inbox: Inbox, stop: asyncio.Event, waited: list[float]) -> No
         await asyncio.sleep(0.02)
 
 
-async def run(files: list[Path], work: Path, clock: Clock) -> dict[str, Any]:
+async def seed(erp: inv.Erp, truths: list[dict[str, Any]]) -> None:
+    """The vendor master and the open purchase orders the invoices refer to."""
+    for number, truth in enumerate(truths, start=1):
+        facts = truth["fields"]
+        await erp.add_vendor(
+            f"V-{number:03d}", facts["vendor_name"], tax_id=facts["vendor_tax_id"],
+            iban=facts["iban"],
+        )  # fmt: skip
+        if facts["po_number"]:
+            await erp.add_purchase_order(
+                facts["po_number"], Decimal(facts["total"]), facts["currency"], f"V-{number:03d}"
+            )
+
+
+async def run(
+    files: list[Path], truths: list[dict[str, Any]], work: Path, clock: Clock
+) -> dict[str, Any]:
     config = work / "models.toml"
     config.write_text(inv.train_risk_model(ROOT / "data" / "invoices" / "risk.csv", work))
     app = flowdesk.App(f"sqlite:///{work / 'flowdesk.db'}")
@@ -103,6 +120,7 @@ async def run(files: list[Path], work: Path, clock: Clock) -> dict[str, Any]:
     async with sql.SqlConnector("erp", app, f"sqlite:///{work / 'erp.db'}") as connector:
         erp = inv.Erp(connector)
         await erp.create_tables()
+        await seed(erp, truths)
         invoices = inv.Invoices(app, Archive(work / "documents"), erp, policy=PERMISSIVE)
         stop, waited = asyncio.Event(), []
         async with app, app.worker(concurrency=1):
@@ -155,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock()
     instrument(clock)
     for kind, n in (("scan", args.scans), ("pdf", args.pdfs)):
-        files = [folder / t["files"][kind] for t in truths if kind in t["files"]][:n]
-        if not files:
+        chosen = [t for t in truths if kind in t["files"]][:n]
+        if not chosen:
             continue
+        files = [folder / t["files"][kind] for t in chosen]
         with tempfile.TemporaryDirectory() as work:
-            out = asyncio.run(run(files, Path(work), clock))
+            out = asyncio.run(run(files, chosen, Path(work), clock))
         show("scans" if kind == "scan" else "digital PDFs", out, clock)
         print("  " + json.dumps({k: round(v, 3) for k, v in out.items()}))
     return 0

@@ -9,13 +9,20 @@ from __future__ import annotations
 import asyncio
 import email.message
 import json
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 import flowdesk
 from flowdesk import RunStatus
@@ -364,3 +371,90 @@ async def test_two_copies_of_one_invoice_posted_at_once_make_one_ledger_row(erp)
     # the winner's own replay is no duplicate: it finds its own row
     again = await base.post(row if first["inserted"] else copy, outcomes[0]["idempotency_key"])
     assert again == {"idempotency_key": outcomes[0]["idempotency_key"], "inserted": False}
+
+
+# -- low confidence: a second reading by a language model route, then a person ------------------
+LLM_SEEN: list[dict[str, Any]] = []
+LLM_SAYS = {
+    "vendor_name": "Totally Invented Ltd",  # not on the invoice: must be ignored
+    "invoice_number": "633762",  # what the extractor read too: confirmed
+    "invoice_date": "2025-04-13",  # another reading: replaces it, for a person to check
+    "currency": "EUR",
+    "total": "6099.18",
+}
+
+
+async def _chat(request: Request) -> JSONResponse:
+    body = await request.json()
+    LLM_SEEN.append(body)
+    content = "Here you are:\n```json\n" + json.dumps(LLM_SAYS) + "\n```"
+    return JSONResponse(
+        {
+            "id": "c1",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": content}}
+            ],
+            "usage": {"prompt_tokens": 900, "completion_tokens": 60, "total_tokens": 960},
+        }
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llm_url() -> Iterator[str]:
+    api = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
+    srv = uvicorn.Server(
+        uvicorn.Config(api, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=srv.run, name="llm-service", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the model server did not start"
+        time.sleep(0.02)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+async def test_unsure_fields_get_a_second_reading_from_a_language_model_route(
+    app, erp, risk_toml, llm_url, tmp_path, wait_until
+) -> None:
+    LLM_SEEN.clear()
+    config = tmp_path / "models.toml"
+    config.write_text(
+        risk_toml.read_text() + f'\n[providers.llm]\ntype = "openai"\nbase_url = "{llm_url}"\n\n'
+        '[models.reader]\nprovider = "llm"\nmodel = "reader-1"\ncapabilities = ["generate"]\n\n'
+        '[tasks.invoice_reread]\ncapability = "generate"\nchain = ["reader"]\n'
+    )
+    app.gateway = Gateway.from_toml(config)
+    invoices = inv.Invoices(
+        app,
+        Archive(tmp_path / "documents"),
+        erp,
+        policy=inv.InvoicePolicy(min_field_confidence=0.99),
+    )
+    inbox = Inbox(app)
+    try:
+        async with app, app.worker(concurrency=2):
+            await invoices.submit((SAMPLES / f"{CLEAN}.pdf").read_bytes(), "calric.pdf")
+            (task,) = (await wait_until(lambda: _open(inbox), timeout=60, what="review")).items
+        fields = task.context["fields"]
+        assert fields["invoice_number"]["confidence"] == 0.9  # confirmed by the model
+        assert fields["invoice_date"]["value"] == "2025-04-13"  # the model's reading...
+        assert fields["invoice_date"]["confidence"] == 0.7  # ...for a person to check
+        assert fields["vendor_name"]["value"] == "Calric Consulting DAC"  # invention ignored
+        assert "read with low confidence" in " ".join(task.context["reasons"])
+        (request,) = LLM_SEEN
+        prompt = request["messages"][-1]["content"]
+        assert "633762" in prompt and "invoice_number" in prompt
+        sent = "".join(json.dumps(request).split())
+        assert truth(CLEAN)["iban"] not in sent  # redacted before it left
+        assert "[IBAN" in prompt or "<IBAN" in prompt or "IBAN_" in prompt, prompt[-400:]
+    finally:
+        await app.gateway.close()  # type: ignore[union-attr]

@@ -101,6 +101,9 @@ HEADER_FIELDS = (
 )
 ATTACHMENT_TYPES = frozenset({"application/pdf", "image/png", "image/jpeg", "image/tiff"})
 MAX_FILE_BYTES = 50 * 1024 * 1024
+MAX_REREAD_CHARS = 12_000
+REREAD_TASK = "invoice_reread"
+REREAD_FIELDS = ("vendor_name", "invoice_number", "invoice_date", "currency", "total")
 
 # -- the ERP tables ------------------------------------------------------------------------------
 # Portable DDL (SQLite, PostgreSQL, MariaDB). Amounts are decimal strings' numeric values.
@@ -653,6 +656,7 @@ class Invoices:
         *,
         policy: InvoicePolicy | None = None,
         risk_task: str = RISK_TASK,
+        reread_task: str = REREAD_TASK,
         reviewers: tasks.Assignees | None = None,
         review_due: timedelta = timedelta(days=2),
         escalate_to: Sequence[str] = (),
@@ -663,6 +667,7 @@ class Invoices:
         self.erp = erp
         self.policy = policy or InvoicePolicy()
         self.risk_task = risk_task
+        self.reread_task = reread_task
         self.reviewers = reviewers or tasks.Assignees(groups=["ap"])
         self.review_due = review_due
         self.escalate_to = list(escalate_to)
@@ -828,6 +833,10 @@ class Invoices:
                 extraction: dict[str, Any] = {"fields": fields, "line_items": []}
             else:
                 extraction = read["extraction"]
+                reread = await self._reread(ctx, read, document_id)
+                if reread is not None:
+                    record["reread"] = reread
+                    extraction = {**extraction, "fields": reread["fields"]}
                 fields = extraction["fields"]
                 found = await ctx.step(lookups, fields)
                 findings = await ctx.step(check, extraction, found)
@@ -853,7 +862,7 @@ class Invoices:
                     "invoices.review",
                     title=_title(name, values),
                     form=InvoiceReview,
-                    context=self._review_context(document_id, name, read, decision, risk),
+                    context=self._review_context(document_id, name, read, fields, decision, risk),
                     candidates=self.reviewers,
                     due=self.review_due,
                     priority=1 if risk.get("label") == "high" else 0,
@@ -960,6 +969,61 @@ class Invoices:
             **({} if label else {"error": f"the model answered {answer.label!r}"}),
         }
 
+    async def _reread(
+        self, ctx: Context, read: Mapping[str, Any], document_id: str
+    ) -> dict[str, Any] | None:
+        """Fields read with less confidence than the policy asks for get a second reading
+        from the gateway's ``reread_task`` (a language model route), when one is configured.
+
+        The model sees the document's text and answers a JSON object. A value it gives counts
+        only when the document's text holds it (a model cannot invent a vendor or a
+        number), and the date, amount and currency parse: a value the model confirms gets
+        confidence 0.9; a different or new one replaces the reading with confidence 0.7,
+        still below the auto-approval bar, so a person checks it with the suggestion filled
+        in. Without such a route, or when the model fails, nothing changes."""
+        fields: dict[str, Any] = read["extraction"]["fields"]
+        unsure = [
+            name
+            for name in REREAD_FIELDS
+            if float((fields.get(name) or {}).get("confidence") or 0.0)
+            < self.policy.min_field_confidence
+        ]
+        if not unsure or not _gateway_has(self.app.gateway, self.reread_task):
+            return None
+        prompt = (
+            "Read the invoice below and answer with one JSON object and nothing else, with "
+            f"these keys: {', '.join(unsure)}. Use null for a value the invoice does not "
+            "show. Dates as YYYY-MM-DD, amounts as plain decimals (1234.56), the currency as "
+            "an ISO 4217 code.\n\nINVOICE:\n" + str(read.get("text") or "")
+        )
+        try:
+            answer = await ctx.model(
+                self.reread_task, prompt, data="internal", key=document_id, max_tokens=300
+            )
+        except errors.StepFailed as exc:
+            return {"asked": unsure, "error": f"{exc.error_type}: {exc.message}", "fields": fields}
+        said = _json_object(str(answer.text or ""))
+        text = str(read.get("text") or "")
+        changed: dict[str, Any] = {}
+        out = dict(fields)
+        for name in unsure:
+            value = _checked_value(name, said.get(name), text)
+            if value is None:
+                continue
+            before = dict(fields.get(name) or {})
+            confirmed = _same(before.get("value"), value)
+            out[name] = {
+                **before,
+                "value": value,
+                "confidence": max(0.9, float(before.get("confidence") or 0.0))
+                if confirmed
+                else 0.7,
+                "source": "model",
+            }
+            changed[name] = {"was": before.get("value"), "now": value, "confirmed": confirmed}
+        return {"asked": unsure, "model": f"{answer.model}:{answer.version}", "changed": changed,
+                "fields": out}  # fmt: skip
+
     def _extract(self, document_id: str, locale: str | None) -> dict[str, Any]:
         from flowdesk import documents
 
@@ -971,20 +1035,21 @@ class Invoices:
             return {"error": str(exc)}
         pages = [{"width": p.width, "height": p.height} for p in doc.pages]
         out = extraction.model_dump()
+        text = doc.text()[:MAX_REREAD_CHARS]
         issues = [i for i in out.get("validation", []) if i.get("code") == "not_an_invoice"]
         if issues:
             return {"error": str(issues[0]["message"]), "pages": pages}
-        return {"extraction": out, "pages": pages}
+        return {"extraction": out, "pages": pages, "text": text}
 
     def _review_context(
         self,
         document_id: str,
         name: str,
         read: Mapping[str, Any],
+        fields: Mapping[str, Any],
         decision: Decision,
         risk: Mapping[str, Any],
     ) -> dict[str, Any]:
-        fields = (read.get("extraction") or {}).get("fields") or {}
         values = {k: (v or {}).get("value") for k, v in fields.items()}
         label = risk.get("label")
         return {
@@ -1021,6 +1086,48 @@ class Invoices:
             json.dump(record, out, indent=2, ensure_ascii=False, default=str)
         os.replace(tmp, target)
         return str(target)
+
+
+def _gateway_has(gateway: Any, task: str) -> bool:
+    config = getattr(gateway, "config", None)
+    return task in (getattr(config, "tasks", None) or {})
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """The first JSON object in a model's answer (fenced or not); {} when there is none."""
+    start = text.find("{")
+    while start >= 0:
+        try:
+            found, _ = json.JSONDecoder().raw_decode(text[start:])
+        except ValueError:
+            start = text.find("{", start + 1)
+            continue
+        return found if isinstance(found, dict) else {}
+    return {}
+
+
+def _checked_value(name: str, value: Any, text: str) -> str | None:
+    """``value`` for field ``name`` when it parses and the document backs it, else None."""
+    if value is None or isinstance(value, bool | dict | list):
+        return None
+    raw = str(value).strip()
+    if not raw:
+        return None
+    if name in ("invoice_date", "due_date"):
+        try:
+            return date.fromisoformat(raw).isoformat()
+        except ValueError:
+            return None
+    if name in ("total", "subtotal", "tax"):
+        amount = _decimal(raw)
+        if amount is None:
+            return None
+        whole = f"{int(abs(amount)):,}".replace(",", "")
+        digits = re.sub(r"\D", "", text)
+        return str(amount) if whole in digits else None
+    if name == "currency":
+        return raw.upper() if re.fullmatch(r"[A-Za-z]{3}", raw) else None
+    return raw if _compact(raw) in _compact(text) else None
 
 
 def _title(name: str, values: Mapping[str, Any]) -> str:
