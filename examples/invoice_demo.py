@@ -3,10 +3,11 @@
 `install` sets up the ERP (SQLite ``./erp.db``: ``ap_invoices``, a vendor master and open
 purchase orders, seeded from the sample invoices' true values), the document archive
 (``./flowdesk-documents``) and a file drop on ``./invoices-inbox``, and copies the sample
-set from tests/data/invoices into that folder on the first start: digital PDFs and scans
-(JPEG, PNG, TIFF, image-only PDF) in four languages. Most are approved by policy and posted
-to the ledger; a few land in the review inbox of the ``ap`` group (paula): a vendor missing
-from the master, a bank account that differs from the one on file, totals over the limit.
+set from tests/data/invoices into that folder on the first start, each invoice once: as a
+scan (JPEG, PNG, TIFF, image-only PDF) where the set has one, else as a digital PDF. About
+half are approved by policy and posted to the ledger; the others land in the review inbox
+of the ``ap`` group (paula): a vendor missing from the master, no purchase order, a bank
+account that differs from the one on file, a total over the limit, a medium or high risk.
 """
 
 from __future__ import annotations
@@ -68,8 +69,12 @@ def _drop_samples() -> int:
     if marker.exists():
         return 0
     count = 0
+    scanned = {p.name.split(".")[0] for p in SAMPLES.glob("*.scan.*")}
     for path in sorted(SAMPLES.iterdir()):
-        if path.suffix.lower() in (".pdf", ".jpg", ".png", ".tiff"):
+        key = path.name.split(".")[0]
+        # each invoice once: as its scan where the set has one, else as its PDF
+        wanted = ".scan." in path.name if key in scanned else path.suffix == ".pdf"
+        if wanted:
             part = INBOX / (path.name + ".part")
             shutil.copyfile(path, part)
             part.rename(INBOX / path.name)
@@ -94,7 +99,7 @@ async def install(app: flowdesk.App, stack: AsyncExitStack) -> inv.Invoices:
         app,
         Archive("flowdesk-documents"),
         erp,
-        policy=inv.InvoicePolicy(max_total=Decimal("50000")),
+        policy=inv.InvoicePolicy(max_total=Decimal("100000")),
         reviewers=tasks.Assignees(groups=["ap"]),
     )
     dropped = await asyncio.to_thread(_drop_samples)

@@ -111,6 +111,7 @@ AP_INVOICES_DDL = (
     "CREATE TABLE IF NOT EXISTS ap_invoices ("
     " idempotency_key VARCHAR(200) PRIMARY KEY,"
     " ledger_key VARCHAR(300) NOT NULL UNIQUE,"
+    " vendor_key VARCHAR(300) NOT NULL,"
     " document_id VARCHAR(64) NOT NULL,"
     " run_id VARCHAR(200) NOT NULL,"
     " vendor_id VARCHAR(100),"
@@ -134,7 +135,8 @@ VENDORS_DDL = (
     " name VARCHAR(300) NOT NULL,"
     " tax_id VARCHAR(50),"
     " iban VARCHAR(40),"
-    " locale VARCHAR(10))"
+    " locale VARCHAR(10),"
+    " name_key VARCHAR(300) NOT NULL)"
 )
 PURCHASE_ORDERS_DDL = (
     "CREATE TABLE IF NOT EXISTS purchase_orders ("
@@ -164,6 +166,8 @@ label)."""
 class ApRow(BaseModel):
     ledger_key: str = ""
     """One row per vendor and invoice number (`ledger_key`): filled in by `Erp.post`."""
+    vendor_key: str = ""
+    """The vendor's name as it is matched (`name_key`): filled in by `Erp.post`."""
     document_id: str
     run_id: str
     vendor_id: str | None
@@ -217,6 +221,7 @@ class _VendorRow(BaseModel):
     tax_id: str | None
     iban: str | None
     locale: str | None
+    name_key: str
 
 
 class _PoRow(BaseModel):
@@ -229,8 +234,8 @@ class _PoRow(BaseModel):
 _DELETE_VENDOR = sql.statement("remove_vendor", "DELETE FROM vendors WHERE id = :id", _VendorRow)
 _ADD_VENDOR = sql.statement(
     "add_vendor",
-    "INSERT INTO vendors (id, name, tax_id, iban, locale)"
-    " VALUES (:id, :name, :tax_id, :iban, :locale)",
+    "INSERT INTO vendors (id, name, tax_id, iban, locale, name_key)"
+    " VALUES (:id, :name, :tax_id, :iban, :locale, :name_key)",
     _VendorRow,
 )
 _DELETE_PO = sql.statement(
@@ -265,7 +270,7 @@ _CORRECT = sql.upsert("store_correction", "invoice_corrections", CorrectionRow)
 _FIND_VENDOR = sql.statement(
     "find_vendor",
     "SELECT id, name, tax_id, iban, locale FROM vendors"
-    " WHERE (tax_id IS NOT NULL AND tax_id = :tax_id) OR LOWER(name) = LOWER(:name)",
+    " WHERE (tax_id IS NOT NULL AND tax_id = :tax_id) OR name_key = :name",
     _Name,
 )
 _FIND_PO = sql.statement(
@@ -276,7 +281,7 @@ _FIND_PO = sql.statement(
 _KNOWN = sql.statement(
     "known_invoices",
     "SELECT idempotency_key, invoice_number, invoice_date, total, currency FROM ap_invoices"
-    " WHERE LOWER(vendor_name) = LOWER(:vendor_name)"
+    " WHERE vendor_key = :vendor_name"
     " OR (vendor_tax_id IS NOT NULL AND vendor_tax_id = :vendor_tax_id)",
     _Vendor,
 )
@@ -296,10 +301,19 @@ def _compact(value: str | None) -> str:
     return re.sub(r"[\s.\-/]", "", value or "").upper()
 
 
+def name_key(name: str | None) -> str:
+    """A vendor name as it is matched: case and accents folded, spaces collapsed."""
+    import unicodedata
+
+    plain = unicodedata.normalize("NFKD", name or "")
+    plain = "".join(c for c in plain if not unicodedata.combining(c))
+    return " ".join(plain.casefold().split())
+
+
 def ledger_key(tax_id: str | None, vendor_name: str | None, invoice_number: str | None) -> str:
     """What makes an invoice one in the ledger: the vendor (its tax id, else its name) and
     its number, both normalised."""
-    vendor = _compact(tax_id) or " ".join((vendor_name or "").lower().split())
+    vendor = _compact(tax_id) or name_key(vendor_name)
     return f"{vendor}|{_compact(invoice_number)}"
 
 
@@ -326,7 +340,7 @@ class Erp:
     async def lookups(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         """The vendor master record, the purchase order and the invoices already posted that
         ``fields`` (extracted values) point at, as plain JSON."""
-        name = str(fields.get("vendor_name") or "")
+        name = name_key(str(fields.get("vendor_name") or ""))
         tax_id = _compact(_text(fields.get("vendor_tax_id")))
         vendor = None
         if name or tax_id:
@@ -359,7 +373,14 @@ class Erp:
         locale: str | None = None,
     ) -> None:
         """Put a vendor in the vendor master (replacing one with the same id)."""
-        row = _VendorRow(id=vendor_id, name=name, tax_id=tax_id, iban=iban, locale=locale)
+        row = _VendorRow(
+            id=vendor_id,
+            name=name,
+            tax_id=_compact(tax_id) or None,
+            iban=_compact(iban) or None,
+            locale=locale,
+            name_key=name_key(name),
+        )
         await self._call(_DELETE_VENDOR, row)
         await self._call(_ADD_VENDOR, row)
 
@@ -387,9 +408,14 @@ class Erp:
         holder = await self._holder(ledger)
         if holder is None:
             try:
-                written = await self.connector.call(
-                    _POST, row.model_copy(update={"ledger_key": ledger}), idempotency_key=key
+                keyed = row.model_copy(
+                    update={
+                        "ledger_key": ledger,
+                        "vendor_key": name_key(row.vendor_name),
+                        "vendor_tax_id": _compact(row.vendor_tax_id) or None,
+                    }
                 )
+                written = await self.connector.call(_POST, keyed, idempotency_key=key)
             except errors.ConnectorRejected:
                 holder = await self._holder(ledger)
                 if holder is None or holder == key:
