@@ -19,10 +19,12 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from reportlab.lib.pdfencrypt import StandardEncryption
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from test_documents_bad_input import bomb_png, pdf_with_text
 
 import flowdesk
 from flowdesk import RunStatus
@@ -302,16 +304,23 @@ async def test_dropped_files_and_emails_and_what_cannot_be_read(
     (folder / "mail.eml").write_bytes(_email(("calric.pdf", clean), ("note.txt", b"hi")))
     (folder / "broken.pdf").write_bytes(b"%PDF-1.7\n" + bytes(range(256)) * 4)
     (folder / "empty.pdf").write_bytes(b"")
+    locked = StandardEncryption("secret", ownerPassword="o")
+    (folder / "locked.pdf").write_bytes(pdf_with_text(["Invoice 1", "Total 10.00"], encrypt=locked))
+    (folder / "bomb.png").write_bytes(bomb_png(20_000))
+    letter = ["Dear neighbours,", "the summer party is on Saturday at four.", "See you there!"]
+    (folder / "letter.pdf").write_bytes(pdf_with_text(letter))
     watcher = invoices.watch(folder, interval=0.05, settle=0.0)
     try:
         async with app, app.worker(concurrency=4):
             watching = asyncio.create_task(watcher.run())
             page = await wait_until(
-                lambda: _count(inbox, 2), timeout=60, what="two unreadable files in the inbox"
+                lambda: _count(inbox, 5), timeout=90, what="five unreadable files in the inbox"
             )
             reasons = {t.context["document"]["name"]: t.context["reasons"] for t in page.items}
-            assert set(reasons) == {"broken.pdf", "empty.pdf"}
-            assert "empty" in reasons["empty.pdf"][0] and reasons["broken.pdf"][0]
+            assert set(reasons) == set(UNREADABLE)
+            for name, words in UNREADABLE.items():
+                (reason,) = reasons[name]
+                assert words in reason.lower(), (name, reason)
             for task in page.items:
                 await inbox.complete(
                     task.id, Person("rita", groups=("ap",)), {"decision": "reject"}
@@ -324,15 +333,21 @@ async def test_dropped_files_and_emails_and_what_cannot_be_read(
         by_name = {r.input.get("name"): r for r in runs}
         assert by_name["calric.pdf"].output["outcome"] == "approved"
         assert by_name["calric.pdf"].input["source"] == "email"
-        assert {by_name[n].output["outcome"] for n in ("broken.pdf", "empty.pdf")} == {"rejected"}
+        assert {by_name[n].output["outcome"] for n in UNREADABLE} == {"rejected"}
         assert len(await erp.ledger()) == 1
-        assert sorted(p.name for p in (folder / "done").iterdir()) == [
-            "broken.pdf",
-            "empty.pdf",
-            "mail.eml",
-        ]
+        done = sorted(p.name for p in (folder / "done").iterdir())
+        assert done == sorted([*UNREADABLE, "mail.eml"])
     finally:
         await app.gateway.close()  # type: ignore[union-attr]
+
+
+UNREADABLE = {  # file -> what its recorded reason says
+    "broken.pdf": "pdf",
+    "empty.pdf": "empty",
+    "locked.pdf": "encrypted",
+    "bomb.png": "pixels",
+    "letter.pdf": "does not look like an invoice",
+}
 
 
 async def _count(inbox: Inbox, n: int) -> Any:
@@ -341,12 +356,13 @@ async def _count(inbox: Inbox, n: int) -> Any:
 
 
 async def _finished(app: flowdesk.App, folder: Path) -> Any:
-    """The three invoice runs, once they and the three intake runs are finished and the
-    watcher has moved the three files to done/."""
+    """The invoice runs, once they and the intake runs are finished and the watcher has
+    moved every file to done/."""
     runs = (await app.list_runs(workflow=inv.PROCESS)).items
     intake = (await app.list_runs(workflow=inv.EMAIL)).items
     done = list((folder / "done").glob("*")) if (folder / "done").exists() else []
-    if len(runs) == 3 and len(intake) == 3 and len(done) == 3:
+    n = len(UNREADABLE) + 1
+    if len(runs) == n and len(intake) == n and len(done) == n:
         if all(r.status.finished for r in [*runs, *intake]):
             return [await app.get_run(r.id) for r in runs]
     return None

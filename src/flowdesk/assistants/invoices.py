@@ -867,7 +867,11 @@ class Invoices:
                 found = await ctx.step(lookups, fields)
                 findings = await ctx.step(check, extraction, found)
                 risk = await self._risk(ctx, fields, findings, found, document_id)
-            decision = decide(self.policy, fields, findings, found, risk)
+            decision = (
+                Decision(auto=False, reasons=[str(read["error"])])
+                if "error" in read
+                else decide(self.policy, fields, findings, found, risk)
+            )
             record.update(
                 fields={k: (v or {}).get("value") for k, v in fields.items()},
                 line_items=extraction.get("line_items", []),
