@@ -902,3 +902,27 @@ async def test_cancelling_a_waiting_run_cancels_its_task(app, wait_status, query
             await inbox.unclaim(task_id, BOB)
         assert (await app.get_run(run_id)).status is RunStatus.CANCELLED
     assert calls["record"] == 0
+
+
+async def test_an_escalation_never_hands_a_four_eyes_task_to_who_requested_it(
+    app, wait_status, wait_until, query
+):
+    calls: Counter[str] = Counter()
+    _register(app, calls, Escalation.reassign(to_manager=True))
+    ids = Identity(app)
+    async with app, app.worker(concurrency=4):
+        await ids.create_user("alice", roles=["approver"])
+        mia = (await ids.create_user("mia", roles=["approver"])).person()
+        await ids.create_user("bob", roles=["approver"], manager="alice")  # alice: requester
+        await ids.create_user("carol", roles=["approver"], manager="mia")
+        run_id, task_id = await _start(
+            app, wait_status, users=["bob", "carol"], due_ms=30, four_eyes=True
+        )
+        await wait_until(lambda: _level(query, task_id) == 1, what="escalated")
+        task = await _task(app, task_id)
+        assert task.users == ["mia"] and task.initiator == "alice"
+        [(_, escalated)] = _audit(query, "task.escalated", task_id)
+        assert escalated["to"] == ["mia"]
+        assert "alice requested the work and may not decide it" in escalated["reason"]
+        await Inbox(app).complete(task_id, mia, YES)
+        assert (await app.result(run_id, timeout=15))["approved"] is True

@@ -306,6 +306,12 @@ class PeopleTx(sql.SqlTx):
                     m = await self._one("SELECT manager FROM users WHERE id = ?", (user,))
                     if m is not None and m[0] and m[0] not in cands["users"]:
                         cands["users"].append(m[0])  # once, however many report to them
+            initiator = row[3] if row[4] else None
+            if initiator is not None and initiator in cands["users"]:
+                # Four-eyes: whoever asked for the work never becomes its decider, not even
+                # as the manager an escalation climbs to.
+                cands["users"].remove(initiator)
+                reason += f" ({initiator} requested the work and may not decide it: left out)"
             if not cands["users"] and not cands["groups"]:
                 reason += " (no one to reassign to: candidates kept)"
                 cands = json.loads(row[0])
