@@ -205,6 +205,11 @@ async def test_a_clean_invoice_is_posted_once_without_a_person(
                 anonymous = await client.post("/invoices", content=data)
                 assert anonymous.status_code == 401
                 done = await wait_status(app, run["run_id"], RunStatus.SUCCEEDED, timeout=60)
+                metrics = (await client.get("/metrics")).text
+        # the business metrics the assistant declares
+        assert 'invoices_total{outcome="approved",route="auto"} 1.0' in metrics
+        assert "invoices_auto_approved_total 1.0" in metrics
+        assert 'invoices_time_to_resolution_seconds_count{route="auto"} 1.0' in metrics
         out = done.output
         assert out["outcome"] == "approved" and out["decision"]["auto"] is True
         assert out["risk"]["label"] == "low" and out["reasons"] == []
@@ -269,6 +274,9 @@ async def test_an_exception_goes_to_a_person_who_corrects_it_through_the_api(
                 )
                 assert done_.status_code == 200, done_.text
                 done = await wait_status(app, run_id, RunStatus.SUCCEEDED, timeout=60)
+                metrics = (await client.get("/metrics")).text
+            assert 'invoices_exceptions_total{kind="unknown_vendor"} 1.0' in metrics
+            assert 'invoices_total{outcome="approved",route="review"} 1.0' in metrics
             report = await audit_log.AuditLog(app, tmp_path / "audit.key").verify()
         assert report.ok
         out = done.output

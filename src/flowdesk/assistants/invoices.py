@@ -759,6 +759,25 @@ class Invoices:
     # -- the workflow ------------------------------------------------------------------------
     def _register(self) -> None:
         app = self.app
+        counted = app.metrics.counter(
+            "invoices_total",
+            "Invoices decided, by outcome (approved, rejected, duplicate) and route (auto: by "
+            "policy; review: by a person). Exception fraction: the review share of the total.",
+            ["outcome", "route"],
+        )
+        auto_approved = app.metrics.counter(
+            "invoices_auto_approved_total", "Invoices approved by policy, without a person"
+        )
+        exceptions = app.metrics.counter(
+            "invoices_exceptions_total",
+            "Invoices handed to a person, by the first reason's kind",
+            ["kind"],
+        )
+        resolution = app.metrics.histogram(
+            "invoices_time_to_resolution_seconds",
+            "From the invoice's arrival to its decision (posted, rejected or a duplicate)",
+            ["route"],
+        )
 
         @app.step(name="invoices.intake_file")
         async def intake_file(path: str, name: str) -> list[dict[str, Any]]:
@@ -837,6 +856,7 @@ class Invoices:
             locale: str | None = None,
             submitted_by: str | None = None,
         ) -> dict[str, Any]:
+            arrived = ctx.now()
             read: dict[str, Any] = await ctx.step(extract, document_id, locale)
             record: dict[str, Any] = {
                 "document_id": document_id,
@@ -882,6 +902,9 @@ class Invoices:
                 reasons=decision.reasons,
             )
             values = {k: (v or {}).get("value") for k, v in fields.items()}
+            if not decision.auto:
+                kind = "unreadable" if "error" in read else _reason_kind(decision.reasons)
+                ctx.metric(exceptions, 1, kind=kind)
             if decision.auto:
                 outcome, approved_by = "approved", None
                 final = values
@@ -972,6 +995,11 @@ class Invoices:
                         f"ledger (posted under {posted['duplicate_of']}): not posted again",
                     ]
             record["outcome"] = outcome
+            route = "auto" if decision.auto else "review"
+            ctx.metric(counted, 1, outcome=outcome, route=route)
+            if outcome == "approved" and decision.auto:
+                ctx.metric(auto_approved)
+            ctx.metric(resolution, (ctx.now() - arrived).total_seconds(), route=route)
             record["archived"] = await ctx.step(archive_record, ctx.run_id, record)
             return record
 
@@ -1116,6 +1144,24 @@ class Invoices:
             json.dump(record, out, indent=2, ensure_ascii=False, default=str)
         os.replace(tmp, target)
         return str(target)
+
+
+def _reason_kind(reasons: Sequence[str]) -> str:
+    """A short label for the first reason a person was asked (for the exceptions metric)."""
+    first = (reasons[0] if reasons else "").lower()
+    for words, kind in (
+        ("vendor master", "unknown_vendor"),
+        ("purchase order", "purchase_order"),
+        ("auto-approval limit", "over_limit"),
+        ("low confidence", "low_confidence"),
+        ("risk", "risk"),
+        ("asks for payment", "bank_account"),
+        ("duplicate", "duplicate"),
+        ("already", "duplicate"),
+    ):
+        if words in first:
+            return kind
+    return "other"
 
 
 def _gateway_has(gateway: Any, task: str) -> bool:
