@@ -232,6 +232,10 @@ async def test_request_to_decision_through_the_rest_api(
             )
             assert r.status_code == 200, r.text
             run = await wait_status(app, run_id, RunStatus.SUCCEEDED)
+            metrics = (await client.get("/metrics")).text
+    # the business metrics the assistant declares
+    assert 'approvals_decisions_total{decision="approved",type="purchase"} 1.0' in metrics
+    assert 'approvals_time_to_decision_seconds_count{type="purchase"} 1.0' in metrics
     out = run.output
     assert out["decision"] == "approved"
     assert out["request"]["requester"] == "olga"

@@ -231,6 +231,10 @@ async def test_messages_through_the_api_answer_file_or_escalate(
                 )
                 assert decided.status_code == 200, decided.text
                 escalated = await wait_status(app, oos["run_id"], RunStatus.SUCCEEDED)
+                metrics = (await client.get("/metrics")).text
+        # the business metrics the assistant declares
+        assert 'support_messages_total{outcome="answered",priority="low"} 2.0' in metrics
+        assert 'support_time_to_resolution_seconds_count{outcome="escalated"} 1.0' in metrics
         msgs = done.output["messages"]
         assert [m["intent"] for m in msgs] == ["card_arrival", "exchange_rate"]
         assert msgs[0]["redactions"] == {"email": 1} and "jane.doe" not in msgs[0]["text"]

@@ -26,7 +26,7 @@ One request is one run of ``approvals.request``:
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,6 +124,16 @@ class Approvals:
     # -- workflows and steps -------------------------------------------------------------
     def _register(self) -> None:
         app = self.app
+        decided = app.metrics.counter(
+            "approvals_decisions_total",
+            "Approval requests decided, by type and decision (approved, rejected)",
+            ["type", "decision"],
+        )
+        time_to_decision = app.metrics.histogram(
+            "approvals_time_to_decision_seconds",
+            "From the request to its decision",
+            ["type"],
+        )
 
         @app.step(name="approvals.load_policy")
         def load_policy() -> dict[str, str]:
@@ -234,6 +244,8 @@ class Approvals:
 
         @app.workflow(REQUEST_WORKFLOW)
         async def request(ctx: Context, request: ApprovalRequest) -> dict[str, Any]:
+            # Runs already past this point when it was added keep their recorded history.
+            submitted = ctx.now() if ctx.version("time-to-decision", 1) else None
             loaded = await ctx.step(load_policy)
             policy = pol.parse(loaded["text"])
             checked = pol.check(
@@ -265,6 +277,10 @@ class Approvals:
                 "approvals": approvals,
                 "decided_at": ctx.now().isoformat(),
             }
+            ctx.metric(decided, 1, type=request.type, decision=decision)
+            if submitted is not None:
+                at = datetime.fromisoformat(explanation["decided_at"])
+                ctx.metric(time_to_decision, (at - submitted).total_seconds(), type=request.type)
             _recorded: str = await ctx.step(record_decision, ctx.run_id, explanation)
             to = sorted(set(request.notify) | set(self.notify))
             who = ", ".join(

@@ -167,6 +167,16 @@ class Support:
 
     def _register(self) -> None:
         app = self.app
+        handled_total = app.metrics.counter(
+            "support_messages_total",
+            "Customer messages handled, by outcome (answered, ticket, escalated) and priority",
+            ["outcome", "priority"],
+        )
+        time_to_resolution = app.metrics.histogram(
+            "support_time_to_resolution_seconds",
+            "From a message's arrival to its outcome (an escalated one: the person's decision)",
+            ["outcome"],
+        )
 
         @app.step(name="support.redact")
         def redact(text: str) -> dict[str, Any]:
@@ -266,5 +276,13 @@ class Support:
                     message = await ctx.wait_signal(MESSAGE, timeout=self.idle)
                 except errors.WaitTimeout:
                     break
-                handled.append(await handle(ctx, thread_id, customer, message))
+                # Runs already past this point when it was added keep their recorded history.
+                arrived = ctx.now() if ctx.version("time-to-resolution", 1) else None
+                result = await handle(ctx, thread_id, customer, message)
+                handled.append(result)
+                outcome = str(result["outcome"])
+                ctx.metric(handled_total, 1, outcome=outcome, priority=str(result["priority"]))
+                if arrived is not None:
+                    seconds = (ctx.now() - arrived).total_seconds()
+                    ctx.metric(time_to_resolution, seconds, outcome=outcome)
             return {"thread_id": thread_id, "customer": customer, "messages": handled}
