@@ -909,3 +909,69 @@ async def test_spans_are_exported_by_otlp_to_the_configured_endpoint(app):
         attributes = {a.key: a.value for a in span.attributes}
         assert attributes["flowdesk.run_id"].string_value == h.id
     assert len({s.trace_id for s in spans}) == 1
+
+
+async def test_real_model_and_connector_calls_are_spans_of_their_step(app, tmp_path, wait_status):
+    """The gateway's answer and a SQL connector's write, as the engine really makes them:
+    each is a span under its step, with the run, the seq and what the call did."""
+    from flowdesk.connectors import sql
+    from flowdesk.models import registry, training
+    from flowdesk.models.gateway import Gateway
+
+    texts = [f"refund my order {n}" for n in range(12)]
+    texts += [f"my card {n} is lost" for n in range(12)]
+    labels = ["refund"] * 12 + ["card"] * 12
+    examples = training.Examples(
+        texts=tuple(texts), labels=tuple(labels), path="-", sha256="-", format="csv",
+        text_column="text", label_column="label",
+    )  # fmt: skip
+    result = training.train(examples, features="tfidf")
+    registry.Registry(tmp_path / "models").register("intent", result.classifier)
+    config = tmp_path / "models.toml"
+    config.write_text(
+        f'[providers.local]\ntype = "local"\ntask = "intent"\nmodels_dir = "{tmp_path / "models"}"'
+        '\n\n[models.clf]\nprovider = "local"\nmodel = "intent"\ncapabilities = ["classify"]\n\n'
+        '[tasks.intent]\ncapability = "classify"\nlabels = ["refund", "card"]\nchain = ["clf"]\n'
+    )
+    app.gateway = Gateway.from_toml(config)
+    db = tmp_path / "side.db"
+    exporter = InMemorySpanExporter()
+    observe.instrument(app, tracer_provider=_tracer(exporter))
+
+    class Note(BaseModel):
+        text: str
+
+    save = sql.statement("save_note", "INSERT INTO notes (text) VALUES (:text)", Note)
+    make = sql.statement("make_table", "CREATE TABLE IF NOT EXISTS notes (text TEXT)", Note)
+    async with sql.SqlConnector("side", app, f"sqlite:///{db}") as side:
+
+        @app.step(name="write")
+        async def write(text: str) -> int:
+            await side.call(make, {"text": ""})
+            return (await side.call(save, {"text": text})).rowcount
+
+        @app.workflow("spanned")
+        async def spanned(ctx: flowdesk.Context, text: str) -> str:
+            answer = await ctx.model("intent", text)
+            await ctx.step(write, str(answer.label))
+            return str(answer.label)
+
+        try:
+            async with app, app.worker():
+                h = await app.start("spanned", {"text": "please refund my order"})
+                assert (await wait_status(app, h.id, RunStatus.SUCCEEDED)).output == "refund"
+        finally:
+            await app.gateway.close()  # type: ignore[attr-defined]
+    spans = exporter.get_finished_spans()
+    steps = {s.attributes["flowdesk.step.name"]: s for s in spans if s.name.startswith("step ")}
+    (model,) = [s for s in spans if s.name == "model intent"]
+    assert model.parent.span_id == steps["model:intent"].context.span_id
+    assert model.attributes["flowdesk.model.name"] == "local:intent"
+    assert model.attributes["flowdesk.model.provider"] == "local"
+    assert 0.5 < model.attributes["flowdesk.model.confidence"] <= 1.0
+    calls = [s for s in spans if s.name.startswith("connector side.")]
+    assert [s.name for s in calls] == ["connector side.make_table", "connector side.save_note"]
+    for call in calls:
+        assert call.parent.span_id == steps["write"].context.span_id
+        assert call.attributes["flowdesk.run_id"] == h.id
+        assert call.attributes["flowdesk.idempotency_key"] == f"{h.id}:2"

@@ -62,6 +62,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
@@ -497,8 +498,11 @@ class Connector(ABC):
                     connector=self.name,
                     operation=op.name,
                 )
+        observer = getattr(self.app, "observer", None)
+        span = nullcontext() if observer is None else observer.connector_call(self.name, op.name)
         try:
-            outcome = await self._attempts(op, model, key, step, record)
+            with span:
+                outcome = await self._attempts(op, model, key, step, record)
             output = self._output(op, outcome.value)
         except BaseException as exc:
             # Did the effect maybe happen? Not when the target refused, nor when the

@@ -16,6 +16,7 @@ import time
 import traceback
 import uuid as _uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -397,10 +398,15 @@ class Context:
     ) -> str:
         """Call the gateway and record its answer (or its final error) at ``seq``."""
         started = _now_ms()
+        observer = self._rt.observer
+        span = nullcontext() if observer is None else observer.model_call(task)
         try:
-            answer = await gateway.answer(
-                task, input, dict(hints), run_id=self.run_id, seq=seq, workflow=self.workflow
-            )
+            with span as traced:
+                answer = await gateway.answer(
+                    task, input, dict(hints), run_id=self.run_id, seq=seq, workflow=self.workflow
+                )
+                if traced is not None:
+                    _describe_answer(traced, answer)
             encoded: str = codec.encode(answer, f"answer of model task {task!r}")
         except Exception as exc:
             info = error_info(exc, 1)
@@ -843,3 +849,21 @@ class Context:
 
     def pending(self) -> tuple[list[StepRow], dict[str, int]]:
         return self._take_buffer()
+
+
+def _describe_answer(span: Any, answer: Any) -> None:
+    """The answer's model, version, confidence, tokens and cost, on the model call's span."""
+    for key, attr in (
+        ("model", "flowdesk.model.name"),
+        ("version", "flowdesk.model.version"),
+        ("provider", "flowdesk.model.provider"),
+        ("confidence", "flowdesk.model.confidence"),
+        ("tokens_in", "flowdesk.model.tokens_in"),
+        ("tokens_out", "flowdesk.model.tokens_out"),
+        ("cost_usd", "flowdesk.model.cost_usd"),
+        ("fallback", "flowdesk.model.fallback"),
+        ("cached", "flowdesk.model.cached"),
+    ):
+        value = answer.get(key) if isinstance(answer, dict) else getattr(answer, key, None)
+        if isinstance(value, str | int | float | bool):
+            span.set_attribute(attr, value)

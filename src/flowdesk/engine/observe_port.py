@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Awaitable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -178,6 +179,16 @@ class Observer:
         """Wrap the execution of a step (all its attempts, and recording its outcome):
         await ``execute`` and return what it returns, or let what it raises through."""
         return await execute
+
+    def model_call(self, task: str) -> AbstractContextManager[Any]:
+        """A span around one model call (``ctx.model``); what it yields takes
+        ``set_attribute(key, value)`` (the answer's model, confidence, tokens, cost) or is
+        None when nothing is traced."""
+        return nullcontext()
+
+    def connector_call(self, connector: str, operation: str) -> AbstractContextManager[Any]:
+        """A span around one call a connector makes to another system (all its attempts)."""
+        return nullcontext()
 
     def metric(self, defn: MetricDef, value: float, labels: dict[str, str]) -> None:
         """Count a business metric a workflow recorded (`Context.metric`): called once the

@@ -5,8 +5,10 @@ for you): the app's metrics go to a registry of its own (``/metrics`` on the API
 ``flowdesk worker --metrics-port``), its runs carry their context on every log line, and
 with a tracer provider (or ``OTEL_EXPORTER_OTLP_ENDPOINT``) every run is one trace.
 
-The model gateway reports each call with `metrics.record_model_call` and wraps it in
-`tracing.model_span`; connectors wrap each call in `tracing.connector_span`.
+The model gateway reports each call with `metrics.record_model_call`. Through the engine's
+observer port, ``ctx.model`` wraps each model call in `tracing.model_span` (with the answer's
+model, confidence, tokens and cost) and connectors wrap each call in
+`tracing.connector_span`.
 """
 
 from __future__ import annotations

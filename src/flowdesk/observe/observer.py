@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -129,6 +130,16 @@ class Observability(observe_port.Observer):
                 span.set_attribute("flowdesk.step.status", status or "lost")
                 if status == "error":
                     span.set_status(Status(StatusCode.ERROR))
+
+    def model_call(self, task: str) -> AbstractContextManager[Any]:
+        if self.tracing is None:
+            return nullcontext()
+        return tracing_mod.model_span(task)
+
+    def connector_call(self, connector: str, operation: str) -> AbstractContextManager[Any]:
+        if self.tracing is None:
+            return nullcontext()
+        return tracing_mod.connector_span(connector, operation)
 
     def metric(self, defn: observe_port.MetricDef, value: float, labels: dict[str, str]) -> None:
         if self.metrics is not None:

@@ -156,12 +156,14 @@ def _step_attributes() -> dict[str, Any]:
 
 
 @contextmanager
-def model_span(task: str, model: str) -> Iterator[Span]:
+def model_span(task: str, model: str | None = None) -> Iterator[Span]:
     """A span around one model call, for the gateway: ``with model_span(task, model) as
     span: ...``, then ``span.set_attribute(...)`` for tokens, cost, confidence. Inside a
     step it is that step's child and names its run and seq. An exception marks it as an
     error and goes on."""
-    attributes = {"flowdesk.model.task": task, "flowdesk.model.name": model}
+    attributes = {"flowdesk.model.task": task}
+    if model:
+        attributes["flowdesk.model.name"] = model
     attributes.update(_step_attributes())
     with _tracer_here().start_as_current_span(f"model {task}", attributes=attributes) as span:
         yield span
