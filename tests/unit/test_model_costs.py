@@ -215,6 +215,9 @@ async def test_calls_are_exported_to_the_metrics_of_the_app(app):
     [value] = [float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)]
     assert value == pytest.approx(cost)
     assert 'flowdesk_model_call_duration_seconds_count{model="big",task="ticket"} 1.0' in text
+    per_workflow = 'flowdesk_workflow_model_cost_usd_total{workflow="triage"}'
+    [value] = [float(x.split()[-1]) for x in text.splitlines() if x.startswith(per_workflow)]
+    assert value == pytest.approx(cost)
 
 
 # -- 2. budgets, before the call --------------------------------------------------------------

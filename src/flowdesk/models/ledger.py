@@ -329,6 +329,7 @@ class Ledger:
                     latency_ms / 1000,
                     row.confidence,
                     row.cost_usd,
+                    workflow=call.workflow,
                 )
             except Exception:
                 log.exception("model call metrics failed")

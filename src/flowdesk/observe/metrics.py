@@ -21,6 +21,7 @@ metric                                                 type       labels
 ``flowdesk_model_call_duration_seconds``               histogram  task, model
 ``flowdesk_model_confidence``                          histogram  task, model
 ``flowdesk_model_cost_usd_total``                      counter    task, model
+``flowdesk_workflow_model_cost_usd_total``             counter    workflow
 ``flowdesk_metrics_store_up``                          gauge
 =====================================================  =========  ============================
 
@@ -236,6 +237,12 @@ class Metrics(Collector):
         self.model_cost = c(
             "flowdesk_model_cost_usd_total", "Cost of model calls in US dollars.", ["task", "model"]
         )
+        self.workflow_cost = c(
+            "flowdesk_workflow_model_cost_usd_total",
+            "Cost of the model calls made by runs of each workflow, in US dollars (per run: "
+            "the model ledger, `flowdesk models usage`).",
+            ["workflow"],
+        )
         self._own: list[_Counter | _Histogram] = [
             self.runs_started,
             self.runs_finished,
@@ -247,6 +254,7 @@ class Metrics(Collector):
             self.model_duration,
             self.model_confidence,
             self.model_cost,
+            self.workflow_cost,
         ]
         self._business: dict[str, _Counter | _Histogram] = {}
         self._business_lock = threading.Lock()
@@ -291,8 +299,11 @@ class Metrics(Collector):
         latency_s: float,
         confidence: float | None,
         cost_usd: float | None,
+        workflow: str | None = None,
     ) -> None:
         key = (task, model)
+        if workflow:
+            self.workflow_cost.inc((workflow,), max(0.0, float(cost_usd or 0.0)))
         self.model_duration.observe(key, max(0.0, float(latency_s)))
         if confidence is not None:
             self.model_confidence.observe(key, float(confidence))
@@ -408,9 +419,11 @@ def record_model_call(
     cost_usd: float | None,
     *,
     metrics: Metrics | None = None,
+    workflow: str | None = None,
 ) -> None:
     """Count one model call: its latency, its answer's confidence (None when the model
-    gives none) and its cost. The model gateway calls this once per call it makes.
+    gives none) and its cost, and the cost under the calling run's ``workflow`` when it
+    has one. The model gateway calls this once per call it makes.
 
     It lands in the metrics of the app whose run is executing here (a call made inside a
     step), else in those of the app instrumented last in this process; with none, it is
@@ -421,7 +434,7 @@ def record_model_call(
         ref = _latest[0]
         target = None if ref is None else ref()
     if target is not None:
-        target.model_call(task, model, latency_s, confidence, cost_usd)
+        target.model_call(task, model, latency_s, confidence, cost_usd, workflow)
 
 
 def bind(metrics: Metrics | None) -> contextvars.Token[Metrics | None]:
