@@ -326,3 +326,31 @@ async def test_a_ticket_filed_twice_under_one_key_is_one_row_and_one_ticket(desk
     assert first["service"] == again["service"]
     assert [r[0] for r in rows(db)] == ["run-x:7"]
     assert REQUESTS.count("run-x:7") == 2 and TICKETS["run-x:7"]["intent"] == "top_up_failed"
+
+
+# -- the gateway's confidence threshold: below it on every model, a person decides ----------------
+async def test_an_answer_below_the_tasks_confidence_threshold_goes_to_a_person(
+    app, models_toml, desk, tmp_path, wait_until, wait_status
+) -> None:
+    strict = tmp_path / "strict.toml"
+    strict.write_text(
+        models_toml.read_text().replace("confidence_threshold = 0.25", "confidence_threshold = 1.0")
+    )
+    ticket_desk, _ = desk
+    support = build(app, strict, ticket_desk, agents=["sam"], agent_groups=[])
+    inbox = Inbox(app)
+    try:
+        async with app, app.worker():
+            run_id, _ = await support.receive(
+                "th-12", "cust-3", "I ordered a card two weeks ago and it still has not arrived"
+            )
+            (task,) = (await wait_until(lambda: _open(inbox), what="review task")).items
+            assert task.context["why"] == "low model confidence"
+            assert task.context["intent"] == "card_arrival" and not task.context["out_of_scope"]
+            assert 0.2 < task.context["confidence"] < 1.0  # the suggestion and how sure it is
+            await inbox.complete(task.id, Person(id="sam"), {"action": "close"})
+            run = await wait_status(app, run_id, RunStatus.SUCCEEDED)
+    finally:
+        await app.gateway.close()  # type: ignore[union-attr]
+    (m,) = run.output["messages"]
+    assert (m["outcome"], m["why"]) == ("escalated", "low model confidence")
