@@ -1,5 +1,5 @@
 """What `make run` starts (examples/orders.py), as a newcomer would use it: the API answers,
-sample orders, approval requests and support messages flow through it, people's decisions
+sample orders, approval requests, support messages and invoices flow through it, people's decisions
 resume runs, the audit chain verifies, and Ctrl-C stops it cleanly."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,21 @@ def test_the_demo_serves_the_api_with_work_flowing_and_stops_cleanly(
         )
 
     _poll(assistants_at_work, "decided approval requests and support conversations", 120)
+
+    def invoices_at_work() -> bool:
+        runs = httpx.get(
+            base + "/runs", params={"limit": 100, "workflow": "invoices.process"}, headers=auth
+        ).json()["items"]
+        reviews = httpx.get(
+            base + "/tasks", params={"kind": "invoices.review", "status": "open"}, headers=auth
+        ).json()["items"]
+        done = [r["output"]["outcome"] for r in runs if r["status"] == "succeeded"]
+        return "approved" in done and bool(reviews)
+
+    _poll(invoices_at_work, "sample invoices posted and some waiting for review", 180)
+    with sqlite3.connect(tmp_path / "erp.db") as erp:
+        (posted,) = erp.execute("SELECT COUNT(*) FROM ap_invoices").fetchone()
+    assert posted >= 1
 
     os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C
     assert demo.popen.wait(timeout=30) == 0, demo.describe()
