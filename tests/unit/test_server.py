@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from pydantic import BaseModel, Field
 import flowdesk
 from flowdesk import RunStatus, errors, triggers
 from flowdesk.assistants import approvals, knowledge, support, tickets
+from flowdesk.assistants import invoices as inv
+from flowdesk.connectors import sql
+from flowdesk.documents.archive import Archive
 from flowdesk.engine import tasks
 from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity
@@ -447,6 +451,7 @@ APPROVAL = {
     "justification": "pens",
 }
 MESSAGE = {"thread_id": "th-1", "customer": "c-1", "text": "Where is my card?"}
+INVOICE = "invoice.pdf"
 MATRIX: list[tuple[str, str, Any, tuple[int, int, int, int, int]]] = [
     ("GET", "/health", None, (200, 200, 200, 200, 200)),
     ("GET", "/ready", None, (200, 200, 200, 200, 200)),
@@ -486,6 +491,7 @@ MATRIX: list[tuple[str, str, Any, tuple[int, int, int, int, int]]] = [
     # The assistants (installed by the matrix test): anyone signed in may ask for approval.
     ("POST", "/approvals", APPROVAL, (201, 201, 201, 201, 401)),
     ("POST", "/messages", MESSAGE, (202, 202, 403, 403, 401)),
+    ("POST", "/invoices", INVOICE, (201, 201, 403, 403, 401)),  # the file itself as the body
 ]
 
 
@@ -507,9 +513,16 @@ def test_the_matrix_covers_every_route():
     assert len(MATRIX) == len(documented)
 
 
-async def test_role_endpoint_matrix(env):
+async def test_role_endpoint_matrix(env, tmp_path):
     approvals.Approvals(env.app, Path(__file__).parents[2] / "data" / "approvals" / "policy.toml")
     support.Support(env.app, knowledge.KnowledgeBase([]), tickets.TicketDesk())
+    with sqlite3.connect(tmp_path / "erp.db") as conn:
+        for ddl in (inv.AP_INVOICES_DDL, inv.VENDORS_DDL, inv.PURCHASE_ORDERS_DDL):
+            conn.execute(ddl)
+        conn.execute(inv.CORRECTIONS_DDL)
+    erp = sql.SqlConnector("erp", env.app, f"sqlite:///{tmp_path / 'erp.db'}")
+    inv.Invoices(env.app, Archive(tmp_path / "documents"), inv.Erp(erp))
+    pdf = Path(__file__).parent.parent / "data" / "invoices" / "inv-2025-0012-L4-en_IE.pdf"
     await identity.Identity(env.app).create_user("dora")
     spare_run = await env.start("waiter")
     spare_task = await env.task_of(await env.start("approval", {"amount": 3}))
@@ -551,6 +564,11 @@ async def test_role_endpoint_matrix(env):
                     if payload is not None:
                         payload = json.loads(json.dumps(payload).replace(slot, value))
             kwargs: dict[str, Any] = {} if payload is None else {"json": payload}
+            if path == "/invoices":
+                kwargs = {
+                    "content": pdf.read_bytes(),
+                    "headers": {"Content-Type": "application/pdf"},
+                }
             if path.startswith("/hooks/"):  # a webhook: signed, with a fresh delivery id
                 raw, n = json.dumps(payload).encode(), next(counter)
                 stamp = signed_at - n  # a distinct signed request per delivery (same body)
@@ -562,6 +580,7 @@ async def test_role_endpoint_matrix(env):
             elif expected >= 400:
                 want = {401: "Unauthenticated", 403: "PermissionDenied"}[expected]
                 assert r.json()["error"] == want
+    await erp.aclose()
     assert not failures, "\n".join(failures)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import socket
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -26,6 +27,9 @@ from pydantic import BaseModel
 import flowdesk
 from flowdesk import triggers
 from flowdesk.assistants import approvals, knowledge, support, tickets
+from flowdesk.assistants import invoices as inv
+from flowdesk.connectors import sql
+from flowdesk.documents.archive import Archive
 from flowdesk.engine import tasks
 from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity
@@ -34,6 +38,14 @@ from flowdesk.store import people
 from flowdesk.triggers import webhooks
 
 EXAMPLES = 20  # per operation and generation mode
+
+
+@schemathesis.serializer(
+    "application/pdf", "image/png", "image/jpeg", "image/tiff", "message/rfc822"
+)
+def _file_bytes(ctx: Any, value: Any) -> bytes:
+    """Documents go as the file's own bytes (``POST /invoices``)."""
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 class Review(BaseModel):
@@ -188,6 +200,18 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         }
     }
     aims["POST /messages"] = {"body": {"thread_id": "t1", "customer": "c1", "text": "hello"}}
+    erp_file = folder / "erp.db"
+    with sqlite3.connect(erp_file) as conn:
+        for ddl in (inv.AP_INVOICES_DDL, inv.VENDORS_DDL, inv.PURCHASE_ORDERS_DDL):
+            conn.execute(ddl)
+        conn.execute(inv.CORRECTIONS_DDL)
+    erp = sql.SqlConnector("erp", app, f"sqlite:///{erp_file}")
+    inv.Invoices(app, Archive(folder / "documents"), inv.Erp(erp))
+    sample = Path(__file__).parents[2] / "tests" / "data" / "invoices"
+    aims["POST /invoices"] = {
+        "body": (sample / "inv-2025-0012-L4-en_IE.pdf").read_bytes(),
+        "media_type": "application/pdf",
+    }
     log = audit_log.AuditLog(app, folder / "audit.key")
     api = server.create_app(app, audit=log, worker=True)
     port = _free_port()
@@ -205,6 +229,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         srv.should_exit = True
         thread.join(30)
         assert not thread.is_alive(), "the server did not stop"
+        asyncio.run(erp.aclose())
 
 
 CHECKS = [

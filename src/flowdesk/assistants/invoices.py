@@ -44,12 +44,16 @@ Each run of ``invoices.process``:
 
 from __future__ import annotations
 
+import concurrent.futures
+import concurrent.futures.process
 import email
 import email.policy
 import json
+import multiprocessing
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -687,9 +691,11 @@ class Invoices:
         review_due: timedelta = timedelta(days=2),
         escalate_to: Sequence[str] = (),
         locale: str | None = None,
+        reader_processes: int = 1,
     ) -> None:
         self.app = app
         self.archive = archive
+        self.reader_processes = reader_processes
         self.erp = erp
         self.policy = policy or InvoicePolicy()
         self.risk_task = risk_task
@@ -806,9 +812,7 @@ class Invoices:
 
         @app.step(name="invoices.extract")
         async def extract(document_id: str, locale: str | None) -> dict[str, Any]:
-            import asyncio
-
-            return await asyncio.to_thread(self._extract, document_id, locale)
+            return await self._extract(document_id, locale)
 
         @app.step(name="invoices.lookups")
         async def lookups(fields: dict[str, Any]) -> dict[str, Any]:
@@ -893,6 +897,7 @@ class Invoices:
                 else decide(self.policy, fields, findings, found, risk)
             )
             record.update(
+                timing=read.get("timing"),
                 fields={k: (v or {}).get("value") for k, v in fields.items()},
                 line_items=extraction.get("line_items", []),
                 validation=findings,
@@ -1082,22 +1087,30 @@ class Invoices:
         return {"asked": unsure, "model": f"{answer.model}:{answer.version}", "changed": changed,
                 "fields": out}  # fmt: skip
 
-    def _extract(self, document_id: str, locale: str | None) -> dict[str, Any]:
-        from flowdesk import documents
+    async def _extract(self, document_id: str, locale: str | None) -> dict[str, Any]:
+        """Read the document in a reader process (`read_invoice`), so OCR and parsing never
+        hold this process's interpreter: the API and the other runs stay responsive. A reader
+        that dies on a file (killed, out of memory) is replaced, and the file is tried once
+        more before it is called unreadable."""
+        import asyncio
 
         try:
-            data = self.archive.read(document_id)
-            doc = documents.load_document(data, name=document_id)
-            extraction = documents.extract_invoice(doc, locale=locale)
-        except errors.DocumentError as exc:
+            path = str(self.archive.path(document_id))
+        except archive_mod.UnknownDocument as exc:
             return {"error": str(exc)}
-        pages = [{"width": p.width, "height": p.height} for p in doc.pages]
-        out = extraction.model_dump()
-        text = doc.text()[:MAX_REREAD_CHARS]
-        issues = [i for i in out.get("validation", []) if i.get("code") == "not_an_invoice"]
-        if issues:
-            return {"error": str(issues[0]["message"]), "pages": pages}
-        return {"extraction": out, "pages": pages, "text": text}
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            pool = reader_pool(self.reader_processes)
+            try:
+                return await loop.run_in_executor(pool, read_invoice, path, locale)
+            except concurrent.futures.process.BrokenProcessPool:
+                drop_reader_pool(pool)
+                if attempt == 2:
+                    return {
+                        "error": "the document reader stopped while reading this file "
+                        "(killed, or out of memory), twice"
+                    }
+        raise AssertionError("unreachable")
 
     def _review_context(
         self,
@@ -1144,6 +1157,81 @@ class Invoices:
             json.dump(record, out, indent=2, ensure_ascii=False, default=str)
         os.replace(tmp, target)
         return str(target)
+
+
+# -- the reader processes ------------------------------------------------------------------------
+_POOL: concurrent.futures.ProcessPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_OCR_SECONDS = [0.0]
+
+
+def reader_pool(processes: int = 1) -> concurrent.futures.ProcessPoolExecutor:
+    """The process's pool of document readers (started on first use, ``processes`` big)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ProcessPoolExecutor(
+                max_workers=max(1, processes),
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_reader,
+            )
+        return _POOL
+
+
+def drop_reader_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Forget a broken pool; the next `reader_pool` starts a new one."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is pool:
+            _POOL = None
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _start_reader() -> None:
+    """In a reader process: load the readers once, and time OCR as it happens."""
+    import time
+
+    from flowdesk.documents import ocr
+
+    page = ocr.ocr_page
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return page(*args, **kwargs)
+        finally:
+            _OCR_SECONDS[0] += time.perf_counter() - started
+
+    ocr.ocr_page = timed
+    import flowdesk.documents.extract
+    import flowdesk.documents.load  # noqa: F401
+
+
+def read_invoice(path: str, locale: str | None) -> dict[str, Any]:
+    """Read and extract one invoice file (runs in a reader process): the extraction, the
+    pages' sizes, the text (for a second reading), and how long OCR and the whole took;
+    ``{"error": reason}`` when the file cannot be read or is not an invoice."""
+    import time
+
+    from flowdesk import documents
+
+    started, ocr_before = time.perf_counter(), _OCR_SECONDS[0]
+    try:
+        doc = documents.load_document(path)
+        extraction = documents.extract_invoice(doc, locale=locale)
+    except errors.DocumentError as exc:
+        return {"error": str(exc)}
+    timing = {
+        "ocr_s": round(_OCR_SECONDS[0] - ocr_before, 4),
+        "extract_s": round(time.perf_counter() - started, 4),
+    }
+    pages = [{"width": p.width, "height": p.height} for p in doc.pages]
+    out = extraction.model_dump()
+    issues = [i for i in out.get("validation", []) if i.get("code") == "not_an_invoice"]
+    if issues:
+        return {"error": str(issues[0]["message"]), "pages": pages, "timing": timing}
+    text = doc.text()[:MAX_REREAD_CHARS]
+    return {"extraction": out, "pages": pages, "text": text, "timing": timing}
 
 
 def _reason_kind(reasons: Sequence[str]) -> str:
