@@ -1188,8 +1188,13 @@ def drop_reader_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
 
 
 def _start_reader() -> None:
-    """In a reader process: load the readers once, and time OCR as it happens."""
+    """In a reader process: load the readers once, and time OCR as it happens. Ctrl-C on
+    the terminal reaches the whole process group: the server decides when its readers stop
+    (it shuts the pool down), so a reader ignores it rather than fail the file it reads."""
+    import signal
     import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from flowdesk.documents import ocr
 
