@@ -86,13 +86,23 @@ def structured_prompt(instructions: str | None, schema: Mapping[str, Any]) -> st
     return "\n".join(lines)
 
 
-def system_prompt(request: base.ModelRequest) -> str | None:
+def system_prompt(request: base.ModelRequest, *, grammar: bool = False) -> str | None:
     """The system prompt for ``request``: the task's instructions, with the labels of a
-    classification or the schema of a structured answer."""
+    classification or the schema of a structured answer. With ``grammar`` (the provider
+    constrains the output to the schema itself) only the schema's field names are given,
+    which keeps the prompt, and the time a small local model spends reading it, short."""
     system: str | None = request.hints.get("system")
     if request.capability == "classify":
         return classify_prompt(system, request.labels)
     if request.schema is not None:
+        if grammar:
+            fields = list((request.schema.get("properties") or {}).keys())
+            lines = [system.strip()] if system else []
+            lines.append(
+                "Answer with one JSON object"
+                + (f" with the fields {', '.join(fields)}." if fields else ".")
+            )
+            return "\n".join(lines)
         return structured_prompt(system, request.schema)
     return system
 

@@ -30,6 +30,7 @@ model runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import threading
@@ -178,6 +179,8 @@ class Engine:
         self._llm: Any = None
         self._load_error: BaseException | None = None
         self._loaded = threading.Event()
+        self._open = threading.Event()
+        self._open.set()
         self._thread = threading.Thread(
             target=self._run, name=f"flowdesk-llama-{path.stem}", daemon=True
         )
@@ -192,6 +195,16 @@ class Engine:
         """True once the model is loaded (or failed to load)."""
         return self._loaded.wait(timeout)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No new generation starts while inside (the running one finishes); calls still
+        queue, up to ``max_queue``. For maintenance, and for tests that fill the queue."""
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._open.set()
+
     def submit(self, job: _Job, provider: str) -> None:
         with self._lock:
             if self._pending > self.max_queue:
@@ -204,8 +217,10 @@ class Engine:
             self._pending += 1
         self._jobs.put(job)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish the queued calls, unload the model and end the thread."""
         self._jobs.put(None)
+        self._thread.join(timeout)
 
     # -- the thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -225,6 +240,7 @@ class Engine:
             self._loaded.set()
         while (job := self._jobs.get()) is not None:
             try:
+                self._open.wait()
                 if not job.cancelled.is_set():
                     self._generate(job)
             finally:
@@ -308,7 +324,8 @@ def acquire(
 
 
 def release(engine: Engine) -> None:
-    """Give back an engine; the last user's release unloads the model."""
+    """Give back an engine; the last user's release unloads the model (and waits for
+    its thread to end)."""
     with _engines_lock:
         engine.users -= 1
         if engine.users > 0:
@@ -391,7 +408,7 @@ class LlamaCppProvider(base.Provider):
         if temperature is None and request.capability == "classify":
             temperature = 0.0
         return _Job(
-            messages=request.messages(http.system_prompt(request)),
+            messages=request.messages(http.system_prompt(request, grammar=True)),
             max_tokens=request.max_tokens or self.default_max_tokens,
             temperature=temperature,
             grammar_schema=grammar,
@@ -451,4 +468,4 @@ class LlamaCppProvider(base.Provider):
         with self._lock:
             engines, self._engines = list(self._engines.values()), {}
         for engine in engines:
-            release(engine)
+            await asyncio.to_thread(release, engine)

@@ -75,8 +75,7 @@ def feedback(schema: type[BaseModel], problem: str) -> str:
     """The correction sent with the one retry."""
     return (
         f"Your answer was refused: {problem} Answer again with exactly one JSON object "
-        f"that follows this JSON Schema, and nothing else: "
-        f"{json.dumps(json_schema(schema), separators=(',', ':'))}"
+        "that follows the JSON Schema you were given, and nothing else."
     )
 
 
