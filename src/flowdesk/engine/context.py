@@ -386,7 +386,9 @@ class Context:
             raise errors.ConfigurationError(
                 f"Workflow {self.workflow!r} calls ctx.model({task!r}) but the app has no model "
                 "gateway: set `app.gateway = Gateway.from_toml('models.toml')` (or "
-                "`Gateway(config)`, from flowdesk.models.gateway) before starting workers."
+                "`Gateway(config)`, from flowdesk.models.gateway) before starting workers; "
+                "`flowdesk worker` uses the packaged local model for the task 'generate' when "
+                "the llm extra is installed (`Gateway.default()`)."
             )
         name = f"model:{task}"
         seq = self._next(name, "step")
