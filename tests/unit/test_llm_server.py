@@ -164,7 +164,7 @@ async def test_streaming_from_the_server_gives_the_pieces_then_the_whole(server,
 
 async def test_json_schema_output_from_the_server_validates(server, make_gateway):
     gw = make_gateway(server.url, ["served"], task={"max_tokens": 40})
-    for text in ["I was charged twice this month!", "The app crashes on start."]:
+    for text in ["I was charged twice this month!"]:
         answer = await gw.ask("reply", text, {"temperature": 0}, schema=Sorted)
         assert answer.provider == "served" and not answer.fallback
         assert Sorted.model_validate(answer.data) == Sorted.model_validate_json(answer.text or "")

@@ -17,9 +17,13 @@ import pytest
 from pydantic import BaseModel, Field
 from test_model_http import API_KEY, ModelServer, Reply
 
-from flowdesk import errors
+import flowdesk
+from flowdesk import RunStatus, errors
+from flowdesk.engine.tasks import Assignees
+from flowdesk.humans.inbox import Inbox
 from flowdesk.models import base, config
 from flowdesk.models.gateway import Gateway
+from flowdesk.store.people import Person
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -213,9 +217,7 @@ async def test_a_schema_needs_a_generate_task_and_a_pydantic_model(model_server,
 # -- streaming ---------------------------------------------------------------------------
 
 
-async def test_openai_streams_server_sent_events_and_reports_the_usage(
-    model_server, make_gateway
-):
+async def test_openai_streams_server_sent_events_and_reports_the_usage(model_server, make_gateway):
     gw = make_gateway(setup(model_server, ["gpt"]))
     chunks, answer = await collect(gw, "reply", "Hello there, streaming world")
 
@@ -298,6 +300,40 @@ async def test_an_answer_longer_than_allowed_is_refused_and_never_passed_on(
     model_server.script(CHAT, Reply(content=long))
     with pytest.raises(errors.AnswerRejected, match="max_answer_chars = 50"):
         await alone.ask("reply", "Hello")
+
+
+async def test_an_answer_refused_by_a_guardrail_goes_to_a_person_instead(
+    app, model_server, make_gateway, wait_status
+):
+    model_server.script(CHAT, *[Reply(content='{"urgent": "maybe"}')] * 2)
+    app.gateway = make_gateway(setup(model_server, ["gpt"]))
+
+    @app.workflow("draft")
+    async def draft(ctx: flowdesk.Context, text: str) -> dict[str, Any]:
+        try:
+            ticket = await ctx.model("reply", text, schema=Ticket)
+            by = "model"
+        except flowdesk.StepFailed as exc:  # never passed on: a person writes it
+            ticket = await ctx.human_task(
+                "write_ticket",
+                title="Triage this ticket",
+                form=Ticket,
+                context={"text": text, "refused": exc.error_type},
+                candidates=Assignees(users=("bob",)),
+            )
+            by = "person"
+        return {"by": by, **ticket.model_dump()}
+
+    async with app, app.worker():
+        handle = await app.start("draft", {"text": "I was charged twice"})
+        await wait_status(app, handle.id, RunStatus.WAITING)
+        inbox = Inbox(app)
+        task = await inbox.get(f"{handle.id}-t2")
+        assert task.context == {"text": "I was charged twice", "refused": "AnswerRejected"}
+        await inbox.complete(task.id, Person("bob"), GOOD)
+        result = await app.result(handle.id, timeout=30)
+    assert result == {"by": "person", **GOOD}
+    assert len(model_server.seen(CHAT)) == 2  # the answer and its one retry, not replayed
 
 
 async def test_the_time_limit_covers_the_whole_answer(model_server, make_gateway):
