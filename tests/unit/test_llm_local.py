@@ -14,7 +14,7 @@ import json
 from typing import Any, Literal
 
 import pytest
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, Field, field_validator
 from typer.testing import CliRunner
 
 import flowdesk
@@ -29,7 +29,7 @@ PACKAGED = config.PACKAGED_MODEL
 class Triage(BaseModel):
     category: Literal["billing", "technical", "account", "other"]
     urgent: bool
-    reply: str
+    reply: str = Field(max_length=160)  # bounded in the grammar too: the JSON fits max_tokens
 
 
 class Sorted(BaseModel):
