@@ -21,12 +21,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages: Tesseract OCR with English, German and French (flowdesk.documents reads
-# scans with it) and the DejaVu and Liberation fonts (the sample invoice generator). Only
+# scans with it), the DejaVu and Liberation fonts (the sample invoice generator), and a C++
+# compiler with cmake (llama-cpp-python, the llm extra, builds llama.cpp from source). Only
 # installed when missing; through sudo when not root; elsewhere, a warning.
 SYSTEM_PACKAGES := tesseract-ocr tesseract-ocr-eng tesseract-ocr-deu tesseract-ocr-fra \
-	fonts-dejavu-core fonts-liberation
+	fonts-dejavu-core fonts-liberation g++ cmake
 SYSTEM_FILES := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf \
-	/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf
+	/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf /usr/bin/g++ /usr/bin/cmake
 
 system-deps:
 	@langs="$$(tesseract --list-langs 2>/dev/null)"; missing=0; \
