@@ -14,6 +14,8 @@ import json
 from typing import Any, Literal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 from test_model_http import API_KEY, ModelServer, Reply
 
@@ -21,7 +23,7 @@ import flowdesk
 from flowdesk import RunStatus, errors
 from flowdesk.engine.tasks import Assignees
 from flowdesk.humans.inbox import Inbox
-from flowdesk.models import base, config
+from flowdesk.models import base, config, http, structured
 from flowdesk.models.gateway import Gateway
 from flowdesk.store.people import Person
 
@@ -212,6 +214,66 @@ async def test_a_schema_needs_a_generate_task_and_a_pydantic_model(model_server,
     with pytest.raises(errors.ConfigurationError, match="must be a Pydantic model class"):
         await gw.ask("reply", "text", schema=dict)  # type: ignore[arg-type]
     assert model_server.requests == []
+
+
+# -- the parsers, whatever the model writes ---------------------------------------------
+
+TICKETS = st.builds(
+    Ticket,
+    category=st.sampled_from(["billing", "technical", "other"]),
+    urgent=st.booleans(),
+    summary=st.text(max_size=80),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.builds(
+            json.dumps,
+            st.dictionaries(
+                st.sampled_from(["category", "urgent", "summary", "extra"]),
+                st.one_of(st.text(max_size=90), st.booleans(), st.integers(), st.none()),
+            ),
+        ),
+    )
+)
+def test_any_reply_is_a_valid_instance_or_a_bad_answer_that_names_no_value(text):
+    try:
+        ticket = structured.validate(text, Ticket)
+    except errors.BadModelAnswer as exc:
+        assert "Ticket" in exc.message or "JSON" in exc.message
+        return
+    assert isinstance(ticket, Ticket) and Ticket.model_validate(ticket.model_dump()) == ticket
+
+
+@settings(max_examples=100, deadline=None)
+@given(TICKETS, st.booleans())
+def test_a_valid_reply_parses_back_whole_fenced_or_not(ticket, fenced):
+    text = ticket.model_dump_json()
+    if fenced:
+        text = f"```json\n{text}\n```"
+    assert structured.validate(text, Ticket) == ticket
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.none(), st.sampled_from(["message_start", "content_block_delta", "ping"])),
+            st.text(alphabet=st.characters(blacklist_characters="\r\n"), max_size=40),
+        ),
+        max_size=8,
+    )
+)
+def test_server_sent_events_parse_back_as_they_were_sent(events):
+    lines: list[str] = []
+    for event, data in events:
+        if event is not None:
+            lines.append(f"event: {event}")
+        lines += [f"data: {data}", ""]
+    assert http.sse_events(lines) == list(events)
 
 
 # -- streaming ---------------------------------------------------------------------------
