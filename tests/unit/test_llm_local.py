@@ -310,9 +310,10 @@ def test_models_ask_prints_the_answer_with_model_provider_tokens_latency_and_cos
     assert " in, " in result.stderr and " ms · 0.000000 USD" in result.stderr
 
     toml = tmp_path / "models.toml"
+    gguf = llama.packaged_model_path()  # any GGUF file, by a path under models_dir
     toml.write_text(
-        '[providers.llm]\ntype = "llama_cpp"\n[models.smol]\nprovider = "llm"\n'
-        f'model = "{PACKAGED}"\ncapabilities = ["generate"]\n'
+        f'[providers.llm]\ntype = "llama_cpp"\nmodels_dir = "{gguf.parent}"\n'
+        f'[models.smol]\nprovider = "llm"\nmodel = "{gguf.name}"\ncapabilities = ["generate"]\n'
         '[tasks.triage]\ncapability = "generate"\nchain = ["smol"]\nmax_tokens = 120\n'
     )
     result = runner.invoke(
@@ -332,7 +333,9 @@ def test_models_ask_prints_the_answer_with_model_provider_tokens_latency_and_cos
         ],
     )
     assert result.exit_code == 0, result.output
-    Sorted.model_validate(json.loads(result.stdout)["data"])
+    answer = json.loads(result.stdout)
+    Sorted.model_validate(answer["data"])
+    assert (answer["provider"], answer["model"]) == ("llm", gguf.name)
 
     result = runner.invoke(
         cli,
