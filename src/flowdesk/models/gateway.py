@@ -56,7 +56,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -64,184 +63,47 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from flowdesk import errors
-from flowdesk.models import base, cache, http, pii, structured
+from flowdesk.models import base, cache, http, pii, streaming, structured
 from flowdesk.models import breaker as guards
 from flowdesk.models import config as cfg
+from flowdesk.models import providers as providers_mod
+from flowdesk.models.seams import (
+    AnswerEvent,
+    AnswerObserver,
+    CallNext,
+    CallOutcome,
+    ConfiguredVersions,
+    Interceptor,
+    ModelCall,
+    VersionChoice,
+    VersionPolicy,
+    VersionQuery,
+    sticky_percent,
+)
+
+__all__ = [  # the seams live in flowdesk.models.seams and are re-exported here
+    "HINTS",
+    "AnswerEvent",
+    "AnswerObserver",
+    "CallNext",
+    "CallOutcome",
+    "ConfiguredVersions",
+    "Gateway",
+    "Interceptor",
+    "ModelCall",
+    "VersionChoice",
+    "VersionPolicy",
+    "VersionQuery",
+    "sticky_percent",
+]
 
 log = logging.getLogger("flowdesk.models")
-
-# -- seams ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ModelCall:
-    """One call to one model, as interceptors see it. ``request.text`` is what the
-    provider reads (already redacted for an external provider)."""
-
-    task: str
-    model: str  # the model's name in the config
-    provider: str
-    external: bool
-    request: base.ModelRequest
-    estimated_cost_usd: float
-    spec: cfg.ModelConfig  # the model's config: prices, versions
-    run_id: str | None = None
-    seq: int | None = None
-    workflow: str | None = None
-    canary: bool = False
-    shadow: bool = False
-    sink: StreamSink | None = None  # set when the caller streams the answer
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CallOutcome:
-    """What one model call produced: the provider's result, how long the call took
-    (retries included), what it cost, and how many attempts it needed."""
-
-    result: base.ProviderResult
-    latency_ms: float
-    cost_usd: float
-    attempts: int
-
-
-CallNext = Callable[[ModelCall], Awaitable[CallOutcome]]
-
-
-class Interceptor(Protocol):
-    """Wraps every provider call: do something before ``next(call)``, after it, or
-    instead of it (raise `BudgetExceeded` to refuse)."""
-
-    async def __call__(self, call: ModelCall, next: CallNext) -> CallOutcome: ...
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VersionQuery:
-    """Which version of ``model`` should answer this call? ``key`` is the routing key
-    (the ``key`` hint, else the run id, else a digest of the input): sticky choices hash it."""
-
-    task: str
-    model: str
-    spec: cfg.ModelConfig
-    key: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VersionChoice:
-    version: str
-    canary: bool = False
-    shadow_version: str | None = None
-
-
-class VersionPolicy(Protocol):
-    async def choose(self, query: VersionQuery) -> VersionChoice: ...
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AnswerEvent:
-    """Given to observers after each answer. ``text`` is the caller's input as given (it
-    may hold personal data: redact before storing it)."""
-
-    task: str
-    text: str
-    answer: base.Answer
-    run_id: str | None
-    workflow: str | None
-
-
-AnswerObserver = Callable[[AnswerEvent], Awaitable[None]]
-
-
-def sticky_percent(*parts: str) -> float:
-    """A stable number in [0, 100) for these parts (the same key always lands the same)."""
-    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 10_000 / 100
-
-
-class ConfiguredVersions:
-    """The default version policy: the model's ``version``; its ``canary_version`` for
-    ``canary_percent`` of routing keys (sticky); ``shadow_version`` answered beside."""
-
-    async def choose(self, query: VersionQuery) -> VersionChoice:
-        spec = query.spec
-        if spec.canary_version and spec.canary_percent > 0:
-            if sticky_percent(query.task, query.model, query.key) < spec.canary_percent:
-                return VersionChoice(
-                    version=spec.canary_version, canary=True, shadow_version=spec.shadow_version
-                )
-        return VersionChoice(version=spec.current_version, shadow_version=spec.shadow_version)
-
-
-# -- streaming --------------------------------------------------------------------------
-
-_HOLD = 40  # the longest placeholder a streamed piece may cut in two
-
-
-class StreamSink:
-    """Forwards one answer's streamed text to the caller's sink. Per model it restores PII
-    placeholders (holding back a ``<...`` cut between pieces until it is whole), refuses
-    an answer that grows beyond ``max_chars`` at once (`AnswerRejected`), and sends a
-    ``restart`` chunk before a retry or fallback when text was already sent."""
-
-    def __init__(self, out: base.ChunkSink, max_chars: int | None) -> None:
-        self._out = out
-        self._max_chars = max_chars
-        self._redaction: pii.Redaction | None = None
-        self._held = ""
-        self._chars = 0
-        self._dirty = False
-
-    def use(self, redaction: pii.Redaction | None) -> None:
-        """The redaction whose placeholders the next model's text may hold."""
-        self._redaction = redaction
-
-    async def begin(self) -> None:
-        """A new attempt starts: what was sent so far is void."""
-        if self._dirty:
-            await self._out(base.Chunk("", restart=True))
-        self._dirty = False
-        self._held = ""
-        self._chars = 0
-
-    async def piece(self, text: str) -> None:
-        self._chars += len(text)
-        if self._max_chars is not None and self._chars > self._max_chars:
-            raise errors.AnswerRejected(
-                f"The answer grew beyond max_answer_chars = {self._max_chars}; it was stopped."
-            )
-        if self._redaction is None:
-            await self._emit(text)
-            return
-        buffer = self._held + text
-        cut = buffer.rfind("<")
-        if cut >= 0 and ">" not in buffer[cut:] and len(buffer) - cut <= _HOLD:
-            buffer, self._held = buffer[:cut], buffer[cut:]
-        else:
-            self._held = ""
-        if buffer:
-            await self._emit(self._redaction.restore(buffer))
-
-    async def whole(self, text: str | None) -> None:
-        """An answer that came whole (the cache): one piece."""
-        await self.begin()
-        if text:
-            await self.piece(text)
-        await self.end()
-
-    async def end(self) -> None:
-        if self._held:
-            held, self._held = self._held, ""
-            await self._emit(self._redaction.restore(held) if self._redaction else held)
-
-    async def _emit(self, text: str) -> None:
-        self._dirty = True
-        await self._out(base.Chunk(text))
-
 
 _DONE = object()
 
@@ -307,85 +169,6 @@ def _as_text(value: Any) -> str:
         ) from exc
 
 
-def _load_factory(spec: str) -> Callable[..., Any]:
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise errors.ConfigurationError(f"Cannot load provider factory {spec!r}: {exc}") from exc
-    if not callable(obj):
-        raise errors.ConfigurationError(f"Provider factory {spec!r} is not callable.")
-    return obj  # type: ignore[no-any-return]
-
-
-def build_provider(name: str, settings: cfg.ProviderConfig, api_key: str | None) -> base.Provider:
-    """A provider instance for one ``[providers.NAME]`` table."""
-    if settings.type == "openai":
-        assert settings.base_url is not None
-        return http.OpenAIProvider(
-            name,
-            base_url=settings.base_url,
-            api_key=api_key,
-            timeout=settings.timeout_s,
-            headers=settings.headers,
-            external=settings.is_external,
-            logprobs=settings.logprobs,
-            structured_output=settings.structured_output,
-        )
-    if settings.type == "anthropic":
-        assert settings.base_url is not None
-        return http.AnthropicProvider(
-            name,
-            base_url=settings.base_url,
-            api_key=api_key,
-            timeout=settings.timeout_s,
-            headers=settings.headers,
-            external=settings.is_external,
-            anthropic_version=settings.anthropic_version,
-        )
-    if settings.type == "llama_cpp":
-        # Imported on use: llama.cpp loads only for configs that name a GGUF model.
-        from flowdesk.models import llama
-
-        return llama.LlamaCppProvider(
-            name,
-            max_queue=settings.max_queue,
-            n_ctx=settings.n_ctx,
-            n_threads=settings.n_threads,
-            models_dir=settings.models_dir,
-            **settings.options,
-        )
-    if settings.type == "local":
-        # Imported here, not at the top: the local provider (and scikit-learn behind it)
-        # loads only for configs that use it.
-        try:
-            local = importlib.import_module("flowdesk.models.local")
-            cls = local.LocalClassifierProvider
-        except (ImportError, AttributeError) as exc:
-            raise errors.ConfigurationError(
-                f"Provider {name!r} has type 'local', but flowdesk.models.local."
-                f"LocalClassifierProvider cannot be loaded: {exc}"
-            ) from exc
-        provider = cls(
-            name=name, task=settings.task, models_dir=settings.models_dir, **settings.options
-        )
-    else:
-        if not settings.factory:
-            raise errors.ConfigurationError(
-                f"Provider {name!r} has type 'python' but no factory = 'module:callable' "
-                "(or pass the instance: Gateway(config, providers={name: provider}))."
-            )
-        provider = _load_factory(settings.factory)(name=name, **settings.options)
-    if not isinstance(provider, base.Provider):
-        raise errors.ConfigurationError(
-            f"Provider {name!r}: the factory returned {type(provider).__name__}, not a "
-            "flowdesk.models.base.Provider."
-        )
-    return provider
-
-
 class Gateway:
     """The model gateway (see the module docstring).
 
@@ -423,7 +206,9 @@ class Gateway:
         self._clock = clock
         self._slots: dict[str, _Slot] = {}
         for name, settings in config.providers.items():
-            provider = given.get(name) or build_provider(name, settings, keys.get(name))
+            provider = given.get(name) or providers_mod.build_provider(
+                name, settings, keys.get(name)
+            )
             bucket = None
             if settings.rate_per_s is not None:
                 bucket = guards.TokenBucket(
@@ -552,6 +337,8 @@ class Gateway:
                         provider,
                     )
             except TimeoutError:
+                if limit is None:
+                    raise
                 raise errors.AnswerTimeout(
                     f"Task {task!r}: no acceptable answer within answer_timeout_s = "
                     f"{limit:g} s; the generation in progress was stopped."
@@ -716,7 +503,9 @@ class Gateway:
                 if on != provider:
                     chain.remove(name)
                     dropped[name] = f"on provider {on!r}, not {provider!r}"
-        sink = StreamSink(on_chunk, tcfg.max_answer_chars) if on_chunk is not None else None
+        sink = (
+            streaming.StreamSink(on_chunk, tcfg.max_answer_chars) if on_chunk is not None else None
+        )
         if not chain:
             raise errors.NoEligibleModel(task, dropped)
         key = hints.get("key") or run_id or hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -888,7 +677,7 @@ class Gateway:
         workflow: str | None,
         spent: list[Any],
         schema: type[BaseModel] | None = None,
-        sink: StreamSink | None = None,
+        sink: streaming.StreamSink | None = None,
     ) -> _Tried:
         choice = await self.versions.choose(VersionQuery(task=task, model=name, spec=spec, key=key))
         max_tokens = hints.get("max_tokens") or tcfg.max_tokens
