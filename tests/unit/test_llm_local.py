@@ -175,7 +175,7 @@ async def test_classification_is_constrained_to_the_labels(make_gateway):
 async def test_structured_output_from_the_real_model_always_validates(make_gateway, engine):
     gw = make_gateway(setup())
     for text, schema in [(MESSAGES[0], Triage), (MESSAGES[1], Sorted), (MESSAGES[3], Sorted)]:
-        answer = await gw.ask("triage", text, {"temperature": 0}, schema=schema)
+        answer = await gw.ask("triage", text, {"temperature": 0, "max_tokens": 200}, schema=schema)
         triage = schema.model_validate(answer.data)  # what ctx.model hands the workflow
         assert answer.text is not None and schema.model_validate_json(answer.text) == triage
         assert answer.provider == "llm" and answer.tokens_out > 0

@@ -21,7 +21,7 @@ How it runs:
   thread stops generating at the next token.
 * **Structured output.** ``ModelRequest.schema`` becomes a llama.cpp grammar (from the
   JSON Schema), so the model can only write JSON of that shape; a classification is a
-  grammar of ``{"label": <one of the labels>, "confidence": <number>}``.
+  grammar of ``{"label": <one of the labels>, "confidence": <0, 0.05, ... or 1>}``.
 
 Token counts are exact: the prompt's tokens and every sampled token are counted as the
 model runs.
@@ -400,7 +400,9 @@ class LlamaCppProvider(base.Provider):
                 "type": "object",
                 "properties": {
                     "label": {"type": "string", "enum": list(request.labels)},
-                    "confidence": {"type": "number"},
+                    # llama.cpp's grammars cannot bound a number: the steps of 0.05
+                    # from 0 to 1 are spelled out, so the reply always parses.
+                    "confidence": {"enum": [round(i / 20, 2) for i in range(21)]},
                 },
                 "required": ["label", "confidence"],
             }
