@@ -245,6 +245,8 @@ async def test_the_queue_is_bounded_and_a_full_queue_falls_back(make_gateway, wa
             first = asyncio.create_task(gw.ask("triage", "one", {"max_tokens": 4}))
             second = asyncio.create_task(gw.ask("triage", "two", {"max_tokens": 4}))
             await wait_until(lambda: engine.pending == 2, what="one running, one waiting")
+            local = gw.stats()["providers"]["llm"]["local"][PACKAGED]
+            assert (local["pending"], local["max_queue"]) == (2, 1)
             third = await gw.ask("triage", "three", {"max_tokens": 4})
             assert third.provider == "backup" and third.fallback and backup.calls == 1
 

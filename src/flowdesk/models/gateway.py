@@ -989,6 +989,12 @@ class Gateway:
         await sink.end()
         return result
 
+    @staticmethod
+    def _provider_stats(slot: _Slot) -> dict[str, Any]:
+        """What the provider reports of itself (a local model: its queue), if anything."""
+        stats = getattr(slot.provider, "stats", None)
+        return {"local": stats()} if callable(stats) else {}
+
     # -- reporting -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Counters since the gateway was made: calls, cache hit rate, fallbacks,
@@ -1018,6 +1024,7 @@ class Gateway:
                     "circuit": slot.breaker.state.value,
                     "circuit_opened": slot.breaker.opened,
                     "external": slot.external,
+                    **self._provider_stats(slot),
                 }
                 for name, slot in self._slots.items()
             },

@@ -466,6 +466,22 @@ class LlamaCppProvider(base.Provider):
             tokens_out=done.tokens_out,
         )
 
+    def stats(self) -> dict[str, Any]:
+        """Per model this provider has used: its file, whether it is loaded, the calls
+        waiting or running, the queue's bound, and the answers it has finished."""
+        with self._lock:
+            engines = dict(self._engines)
+        return {
+            model: {
+                "file": str(engine.path),
+                "loaded": engine.wait_loaded(0),
+                "pending": engine.pending,
+                "max_queue": engine.max_queue,
+                "generated": engine.generated,
+            }
+            for model, engine in engines.items()
+        }
+
     async def close(self) -> None:
         with self._lock:
             engines, self._engines = list(self._engines.values()), {}
