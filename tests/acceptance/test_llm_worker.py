@@ -21,7 +21,7 @@ def test_the_embedded_setup_has_a_generative_route_with_no_configuration(flow: F
             flow.rows("SELECT status FROM runs WHERE id = ?", (run_id,))[0][0]
             in ("succeeded", "failed")
         ),
-        timeout=120,
+        timeout=90,
         what="the run to finish",
         watch=[worker],
     )
