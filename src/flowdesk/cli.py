@@ -217,6 +217,16 @@ def worker(
     except errors.ConfigurationError as exc:
         _fail(str(exc))
     the_app = _app(app, database_url, required=True)
+    if the_app.gateway is None:
+        # No gateway wired by the app: the packaged local model answers `generate` when
+        # the llm extra is installed (loaded on the first call); else ctx.model says what
+        # to set up.
+        from flowdesk.models import gateway as gateway_mod
+
+        try:
+            the_app.gateway = gateway_mod.Gateway.default()
+        except errors.ConfigurationError:
+            pass
     if lease_seconds is not None:
         the_app.lease_ms = int(lease_seconds * 1000)
         the_app.heartbeat_interval = lease_seconds / 3

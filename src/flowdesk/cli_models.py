@@ -8,7 +8,12 @@
 * ``predict TASK TEXT...``: answer texts with a version (default: the current one);
 * ``list [--json]``: tasks, versions, metrics, current, canary and shadow versions;
 * ``promote TASK VERSION``, ``rollback TASK``, ``canary TASK VERSION PERCENT``,
-  ``shadow TASK VERSION|off``: change which version answers.
+  ``shadow TASK VERSION|off``: change which version answers;
+* ``ask TASK TEXT [--provider NAME] [--schema module:Model] [--config FILE] [--json]``:
+  try a route of the gateway without writing a workflow, and print the answer (streamed
+  as it is written) with its model, provider, tokens, latency and cost. Without
+  ``--config`` (or ``$FLOWDESK_MODELS_CONFIG``) it asks the default gateway: the packaged
+  SmolLM2, in process, for the task ``generate``.
 
 They work on a models directory (``--models-dir``, default ``$FLOWDESK_MODELS_DIR``, else
 ``./flowdesk-models``), not on an app or database. The commands join the ``models`` group
@@ -419,3 +424,105 @@ def shadow_cmd(
     except errors.FlowdeskError as exc:
         _error(exc)
     _print_state(state, as_json)
+
+
+def _load_schema(spec: str) -> Any:
+    from pydantic import BaseModel
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        _fail(f"--schema {spec!r}: use module:Model")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        _fail(f"--schema {spec!r}: cannot load it: {exc}")
+    if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
+        _fail(f"--schema {spec!r} is not a Pydantic model class")
+    return obj
+
+
+@models_cli.command("ask")
+def ask_cmd(
+    task: Annotated[str, typer.Argument(help="The task (in the config; 'generate' by default).")],
+    text: Annotated[str, typer.Argument(help="The input text ('-': read stdin).")],
+    provider: Annotated[
+        str | None,
+        typer.Option("--provider", help="Only the task's models on this provider may answer."),
+    ] = None,
+    schema: Annotated[
+        str | None,
+        typer.Option("--schema", help="module:Model: the answer must be this Pydantic model."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="FLOWDESK_MODELS_CONFIG",
+            help="The gateway's TOML file (default: the packaged local model).",
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", min=1, help="At most this many tokens.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask the model gateway TASK about TEXT, and print the answer with its model,
+    provider, tokens, latency and cost."""
+    import asyncio
+
+    from flowdesk.models import base, rollout
+    from flowdesk.models import config as cfg
+    from flowdesk.models.gateway import Gateway
+
+    if text == "-":
+        text = sys.stdin.read()
+    model_cls = _load_schema(schema) if schema else None
+    hints: dict[str, Any] = {"max_tokens": max_tokens} if max_tokens else {}
+
+    async def show(chunk: base.Chunk) -> None:
+        if chunk.restart:
+            typer.echo("\n[the answer starts over]", err=True)
+        else:
+            typer.echo(chunk.text, nl=False)
+
+    async def main() -> base.Answer:
+        gateway_config: cfg.GatewayConfig | None = None
+        if config is not None:
+            gateway_config, _ = rollout.read_toml(config)
+        gateway = Gateway(gateway_config) if gateway_config else Gateway.default()
+        try:
+            return await gateway.ask(
+                task,
+                text,
+                hints,
+                schema=model_cls,
+                provider=provider,
+                on_chunk=None if as_json else show,
+            )
+        finally:
+            await gateway.close()
+
+    try:
+        answer = asyncio.run(main())
+    except errors.FlowdeskError as exc:
+        if not as_json:
+            typer.echo("", err=True)
+        _error(exc)
+    if as_json:
+        typer.echo(json.dumps(answer.model_dump(mode="json"), indent=2, ensure_ascii=False))
+        return
+    if answer.label is not None:
+        typer.echo(f"{answer.label} ({_fmt(answer.confidence, 3)})", nl=False)
+    typer.echo("")
+    sys.stdout.flush()
+    flags = [name for name in ("fallback", "cached", "canary", "escalate") if getattr(answer, name)]
+    typer.echo(
+        f"model {answer.model} {answer.version} · provider {answer.provider} · tokens "
+        f"{answer.tokens_in} in, {answer.tokens_out} out · {answer.latency_ms:.0f} ms · "
+        f"{answer.cost_usd:.6f} USD" + (f" · {', '.join(flags)}" if flags else ""),
+        err=True,
+    )

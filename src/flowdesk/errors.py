@@ -28,7 +28,11 @@ The tree::
     │   └── FourEyesViolation       the requester tried to approve their own work
     ├── ModelError                  a model call failed (the gateway may fall back)
     │   ├── ProviderUnavailable     timeout, connection error, 5xx, 429, open circuit
+    │   │   └── ModelOverloaded     a local model's queue of waiting calls is full
     │   ├── BadModelAnswer          the provider's answer did not parse
+    │   │   └── AnswerRejected      a guardrail refused the answer: it failed its schema
+    │   │                           after one retry, or it is longer than allowed
+    │   ├── AnswerTimeout           no acceptable answer within the task's time limit
     │   ├── BudgetExceeded          a cost budget or rate limit refuses the call
     │   └── NoEligibleModel         routing left no model that may take this call
     ├── ModelInputTooLong           model input longer than the task's max_input_chars
@@ -206,8 +210,26 @@ class ProviderUnavailable(ModelError):
         return (type(self), (self.message, self.retry_after))
 
 
+class ModelOverloaded(ProviderUnavailable):
+    """A local model's queue of waiting calls is full: the call is refused at once (the
+    gateway falls back down the chain) instead of waiting without bound."""
+
+
 class BadModelAnswer(ModelError):
     """The provider answered something that does not parse as the expected answer."""
+
+
+class AnswerRejected(BadModelAnswer):
+    """A guardrail refused a generated answer: it still failed its schema after one retry
+    with the validation error, or it is longer than the task's ``max_answer_chars``. The
+    answer is never passed on; the gateway falls back down the chain, and when no model
+    gives an acceptable answer the workflow gets this error (and can hand the work to a
+    person)."""
+
+
+class AnswerTimeout(ModelError):
+    """No acceptable answer came within the task's ``answer_timeout_s`` (every attempt,
+    retry and fallback included); the generation in progress is stopped."""
 
 
 class BudgetExceeded(ModelError):

@@ -2,10 +2,14 @@
 
 `ModelServer` is a Starlette app served by uvicorn on a free port, in a thread of its
 own: ``/v1/chat/completions`` and ``/v1/embeddings`` (OpenAI-compatible) and
-``/v1/messages`` (Anthropic), with real-shaped JSON. By default it behaves like a small
+``/v1/messages`` (Anthropic), with real-shaped JSON, and server-sent events when a request
+asks for ``stream`` (the text in 3-character pieces; Anthropic's event sequence, and an
+``error`` event mid-stream when a reply says so). By default it behaves like a small
 model: it classifies by the first allowed label named in the user's text, answers
-generation by echoing the text, and reports token usage. Tests queue scripted replies
-(429 with Retry-After, 5xx, slow answers, malformed bodies) and read every request it got.
+generation by echoing the text, and reports token usage; a scripted ``content`` is the
+answer (for Anthropic with tools, it is the JSON input of the tool call). Tests queue
+scripted replies (429 with Retry-After, 5xx, slow answers, malformed bodies) and read
+every request it got.
 `test_gateway.py` uses the same server.
 """
 
@@ -28,7 +32,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from flowdesk import errors
@@ -48,6 +52,7 @@ class Reply:
     body: str | None = None
     json: Any = None
     delay: float = 0.0
+    stream_error: bool = False  # streamed: an error event after the first pieces
 
 
 @dataclass
@@ -146,7 +151,7 @@ class ModelServer:
         if reply.status != 200:
             error = {"error": {"type": "server_error" if reply.status >= 500 else "rate_limit"}}
             return JSONResponse(error, reply.status, reply.headers)
-        if reply.content is not None:
+        if reply.content is not None and not reply.stream_error:
             return JSONResponse(envelope(reply.content), 200, reply.headers)
         return None  # only a delay: answer normally
 
@@ -165,7 +170,7 @@ class ModelServer:
         model = body["model"]
         messages = body["messages"]
         system = next((m["content"] for m in messages if m["role"] == "system"), "")
-        text = next(m["content"] for m in messages if m["role"] == "user")
+        text = next(m["content"] for m in messages if m["role"] == "user")  # the first
         tokens_in = sum(len(m["content"]) for m in messages) // 4 + 1
 
         def envelope(content: str, logprobs: Any = None) -> dict[str, Any]:
@@ -189,6 +194,11 @@ class ModelServer:
                 },
             }
 
+        if body.get("stream"):
+            if reply is not None and reply.status != 200:
+                return self._scripted(reply, envelope) or JSONResponse({}, 500)
+            content = reply.content if reply and reply.content is not None else "Echo: " + text
+            return self._openai_stream(model, content, tokens_in, body, reply)
         scripted = self._scripted(reply, envelope)
         if scripted is not None:
             return scripted
@@ -201,6 +211,95 @@ class ModelServer:
                 "content": _tokens_with_logprobs(content, label, self.logprob_confidence[model])
             }
         return JSONResponse(envelope(content, logprobs))
+
+    @staticmethod
+    def _sse(events: list[tuple[str | None, Any]]) -> StreamingResponse:
+        async def body() -> Any:
+            for event, data in events:
+                head = f"event: {event}\n" if event else ""
+                payload = data if isinstance(data, str) else json.dumps(data)
+                yield f"{head}data: {payload}\n\n".encode()
+                await asyncio.sleep(0)
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    def _openai_stream(
+        self, model: str, content: str, tokens_in: int, body: Any, reply: Reply | None
+    ) -> StreamingResponse:
+        pieces = [content[i : i + 3] for i in range(0, len(content), 3)]
+        events: list[tuple[str | None, Any]] = []
+        for n, piece in enumerate(pieces):
+            if reply is not None and reply.stream_error and n == 2:
+                events.append((None, {"error": {"type": "server_error", "message": "x"}}))
+                return self._sse(events)
+            delta = {"role": "assistant", "content": piece} if n == 0 else {"content": piece}
+            chunk = {
+                "id": "chatcmpl-s",
+                "object": "chat.completion.chunk",
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            }
+            events.append((None, chunk))
+        end = {"index": 0, "delta": {}, "finish_reason": "stop"}
+        events.append((None, {"id": "chatcmpl-s", "model": model, "choices": [end]}))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": tokens_in, "completion_tokens": len(pieces)}
+            events.append(
+                (None, {"id": "chatcmpl-s", "model": model, "choices": [], "usage": usage})
+            )
+        events.append((None, "[DONE]"))
+        return self._sse(events)
+
+    def _anthropic_stream(
+        self, model: str, content: str, tokens_in: int, tool: str | None, reply: Reply | None
+    ) -> StreamingResponse:
+        pieces = [content[i : i + 3] for i in range(0, len(content), 3)]
+        start = {
+            "type": "message_start",
+            "message": {
+                "model": model,
+                "content": [],
+                "usage": {"input_tokens": tokens_in, "output_tokens": 1},
+            },
+        }
+        block = (
+            {"type": "tool_use", "id": "toolu_1", "name": tool, "input": {}}
+            if tool
+            else {"type": "text", "text": ""}
+        )
+        events: list[tuple[str | None, Any]] = [
+            ("message_start", start),
+            (
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": block},
+            ),
+            ("ping", {"type": "ping"}),
+        ]
+        for n, piece in enumerate(pieces):
+            if reply is not None and reply.stream_error and n == 2:
+                events.append(("error", {"type": "error", "error": {"type": "overloaded_error"}}))
+                return self._sse(events)
+            delta = (
+                {"type": "input_json_delta", "partial_json": piece}
+                if tool
+                else {"type": "text_delta", "text": piece}
+            )
+            events.append(
+                ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+            )
+        events += [
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn"},
+                    "usage": {"output_tokens": len(pieces)},
+                },
+            ),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        return self._sse(events)
 
     async def _embeddings(self, request: Request) -> Response:
         if request.headers.get("authorization") != f"Bearer {self.api_key}":
@@ -229,14 +328,23 @@ class ModelServer:
         model = body["model"]
         system = body.get("system", "")
         text = body["messages"][0]["content"]
+        tool = body["tools"][0]["name"] if body.get("tools") else None
 
         def envelope(content: str) -> dict[str, Any]:
+            block: dict[str, Any] = {"type": "text", "text": content}
+            if tool is not None:
+                block = {
+                    "type": "tool_use",
+                    "id": "toolu_1",
+                    "name": tool,
+                    "input": json.loads(content),
+                }
             return {
                 "id": "msg_" + hashlib.sha1(content.encode()).hexdigest()[:12],
                 "type": "message",
                 "role": "assistant",
                 "model": model,
-                "content": [{"type": "text", "text": content}],
+                "content": [block],
                 "stop_reason": "end_turn",
                 "stop_sequence": None,
                 "usage": {
@@ -245,6 +353,12 @@ class ModelServer:
                 },
             }
 
+        if body.get("stream"):
+            if reply is not None and reply.status != 200:
+                return self._scripted(reply, envelope) or JSONResponse({}, 500)
+            content = reply.content if reply and reply.content is not None else "Echo: " + text
+            tokens_in = (len(system) + len(text)) // 4 + 1
+            return self._anthropic_stream(model, content, tokens_in, tool, reply)
         scripted = self._scripted(reply, envelope)
         if scripted is not None:
             return scripted

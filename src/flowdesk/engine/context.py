@@ -350,7 +350,15 @@ class Context:
             ) from None
 
     # -- models ----------------------------------------------------------------------
-    async def model(self, task: str, input: Any, **hints: Any) -> Any:
+    async def model(
+        self,
+        task: str,
+        input: Any,
+        *,
+        schema: type[BaseModel] | None = None,
+        on_chunk: Callable[[Any], Awaitable[None]] | None = None,
+        **hints: Any,
+    ) -> Any:
         """Ask the app's model gateway (`App.gateway`) to answer ``input`` for ``task``.
 
         Recorded as a step named ``model:<task>``: replay returns the recorded answer and
@@ -361,6 +369,14 @@ class Context:
         latency, tokens, cost, and whether it came from cache, a fallback, a canary or
         with a shadow answer; ``escalate`` says a person should decide.
 
+        With ``schema=Model`` (a Pydantic model) the answer must be a ``Model``: every
+        provider is asked for JSON of its schema, the reply is validated (and retried once
+        with the error), and ``ctx.model`` returns the validated ``Model`` instance (the
+        step records the whole answer, with the instance as JSON under ``data``).
+        ``on_chunk`` receives the text as the model writes it (``flowdesk.models.base.Chunk``;
+        a ``restart`` chunk voids what came before); the step records the final answer, so
+        a replay returns it whole and calls neither the model nor ``on_chunk``.
+
         The gateway already retried and fell back down the task's chain, so a failure is
         not retried here: it is recorded as the step's final error and raised as
         `StepFailed` (``error_type`` names the gateway's error, e.g. ``ProviderUnavailable``),
@@ -370,31 +386,52 @@ class Context:
             raise errors.ConfigurationError(
                 f"Workflow {self.workflow!r} calls ctx.model({task!r}) but the app has no model "
                 "gateway: set `app.gateway = Gateway.from_toml('models.toml')` (or "
-                "`Gateway(config)`, from flowdesk.models.gateway) before starting workers."
+                "`Gateway(config)`, from flowdesk.models.gateway) before starting workers; "
+                "`flowdesk worker` uses the packaged local model for the task 'generate' when "
+                "the llm extra is installed (`Gateway.default()`)."
             )
         name = f"model:{task}"
         seq = self._next(name, "step")
         rec = self._history.get(seq)
         if rec is not None:
             if rec.status == "ok":
-                return gateway.load_answer(codec.decode(rec.output))
+                return self._model_answer(gateway, codec.decode(rec.output), schema)
             err = codec.decode(rec.error) or {}
             failure = errors.StepFailed(name, seq, err.get("type", "Error"), err.get("message", ""))
             self._failures[id(failure)] = seq
             raise failure
+        extra: dict[str, Any] = {}
+        if schema is not None:
+            extra["schema"] = schema
+        if on_chunk is not None:
+            extra["on_chunk"] = on_chunk
         observer = self._rt.observer
         if observer is None:
-            encoded = await self._ask_model(gateway, task, input, hints, name, seq)
+            encoded = await self._ask_model(gateway, task, input, hints, name, seq, extra)
         else:
             call = observe_port.StepCall(self, seq, name)
             encoded = await observer.step(
-                call, self._ask_model(gateway, task, input, hints, name, seq)
+                call, self._ask_model(gateway, task, input, hints, name, seq, extra)
             )
         # Return what replay will return: the recorded JSON, loaded the same way.
-        return gateway.load_answer(codec.decode(encoded))
+        return self._model_answer(gateway, codec.decode(encoded), schema)
+
+    @staticmethod
+    def _model_answer(gateway: Any, recorded: Any, schema: type[BaseModel] | None) -> Any:
+        if schema is None:
+            return gateway.load_answer(recorded)
+        data = recorded.get("data") if isinstance(recorded, dict) else None
+        return schema.model_validate(data)
 
     async def _ask_model(
-        self, gateway: Any, task: str, input: Any, hints: dict[str, Any], name: str, seq: int
+        self,
+        gateway: Any,
+        task: str,
+        input: Any,
+        hints: dict[str, Any],
+        name: str,
+        seq: int,
+        extra: dict[str, Any],
     ) -> str:
         """Call the gateway and record its answer (or its final error) at ``seq``."""
         started = _now_ms()
@@ -403,7 +440,13 @@ class Context:
         try:
             with span as traced:
                 answer = await gateway.answer(
-                    task, input, dict(hints), run_id=self.run_id, seq=seq, workflow=self.workflow
+                    task,
+                    input,
+                    dict(hints),
+                    run_id=self.run_id,
+                    seq=seq,
+                    workflow=self.workflow,
+                    **extra,
                 )
                 if traced is not None:
                     _describe_answer(traced, answer)

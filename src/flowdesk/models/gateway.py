@@ -18,11 +18,25 @@ here. For each call the gateway:
    model (``fallback``). A classification whose confidence is below the task's
    ``confidence_threshold`` also moves on; when no model is sure enough, the most
    confident answer comes back with ``escalate=True`` so the workflow can ask a person;
+   With ``schema=Model`` (a Pydantic model; generate tasks) every provider is asked for
+   JSON that follows the model's schema and the reply is validated with the model; a
+   reply that fails is asked again once with the validation error, and a second failure
+   is `AnswerRejected` (the chain falls back). A generated answer longer than the task's
+   ``max_answer_chars`` is refused the same way, and ``answer_timeout_s`` bounds the whole
+   call (`AnswerTimeout`). An answer that fails a guardrail is never passed on;
 4. restores the placeholders in the answer's text and returns an `Answer`: label or
    text (or embedding), confidence, model and version, provider, latency, tokens and cost
    (everything spent for this answer: escalations and the shadow included; 0 on a cache
    hit), and the flags ``cached``, ``fallback``, ``canary``, ``shadow`` and ``escalate``,
-   with the redactions counted by kind (never the values).
+   with the redactions counted by kind (never the values), and ``data``: the validated
+   JSON when a schema was given.
+
+Streaming: ``ask(..., on_chunk=sink)`` (or ``async for part in gateway.stream(...)``)
+passes the answer's text to ``sink`` as providers write it (`base.Chunk`; placeholders
+restored on the way, a placeholder cut in two held back until whole), with a
+``restart`` chunk when a retry or fallback makes the text so far void. The returned
+`Answer` holds the whole text, and that is what ``ctx.model`` records: a replay returns
+it whole without streaming or calling a model.
 
 Seams for what comes on top (each takes one frozen input dataclass):
 
@@ -39,126 +53,59 @@ Seams for what comes on top (each takes one frozen input dataclass):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
-import importlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from flowdesk import errors
-from flowdesk.models import base, cache, http, pii
+from flowdesk.models import base, cache, http, pii, streaming, structured
 from flowdesk.models import breaker as guards
 from flowdesk.models import config as cfg
+from flowdesk.models import providers as providers_mod
+from flowdesk.models.seams import (
+    AnswerEvent,
+    AnswerObserver,
+    CallNext,
+    CallOutcome,
+    ConfiguredVersions,
+    Interceptor,
+    ModelCall,
+    VersionChoice,
+    VersionPolicy,
+    VersionQuery,
+    sticky_percent,
+)
+
+__all__ = [  # the seams live in flowdesk.models.seams and are re-exported here
+    "HINTS",
+    "AnswerEvent",
+    "AnswerObserver",
+    "CallNext",
+    "CallOutcome",
+    "ConfiguredVersions",
+    "Gateway",
+    "Interceptor",
+    "ModelCall",
+    "VersionChoice",
+    "VersionPolicy",
+    "VersionQuery",
+    "sticky_percent",
+]
 
 log = logging.getLogger("flowdesk.models")
 
-# -- seams ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ModelCall:
-    """One call to one model, as interceptors see it. ``request.text`` is what the
-    provider reads (already redacted for an external provider)."""
-
-    task: str
-    model: str  # the model's name in the config
-    provider: str
-    external: bool
-    request: base.ModelRequest
-    estimated_cost_usd: float
-    spec: cfg.ModelConfig  # the model's config: prices, versions
-    run_id: str | None = None
-    seq: int | None = None
-    workflow: str | None = None
-    canary: bool = False
-    shadow: bool = False
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CallOutcome:
-    """What one model call produced: the provider's result, how long the call took
-    (retries included), what it cost, and how many attempts it needed."""
-
-    result: base.ProviderResult
-    latency_ms: float
-    cost_usd: float
-    attempts: int
-
-
-CallNext = Callable[[ModelCall], Awaitable[CallOutcome]]
-
-
-class Interceptor(Protocol):
-    """Wraps every provider call: do something before ``next(call)``, after it, or
-    instead of it (raise `BudgetExceeded` to refuse)."""
-
-    async def __call__(self, call: ModelCall, next: CallNext) -> CallOutcome: ...
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VersionQuery:
-    """Which version of ``model`` should answer this call? ``key`` is the routing key
-    (the ``key`` hint, else the run id, else a digest of the input): sticky choices hash it."""
-
-    task: str
-    model: str
-    spec: cfg.ModelConfig
-    key: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VersionChoice:
-    version: str
-    canary: bool = False
-    shadow_version: str | None = None
-
-
-class VersionPolicy(Protocol):
-    async def choose(self, query: VersionQuery) -> VersionChoice: ...
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AnswerEvent:
-    """Given to observers after each answer. ``text`` is the caller's input as given (it
-    may hold personal data: redact before storing it)."""
-
-    task: str
-    text: str
-    answer: base.Answer
-    run_id: str | None
-    workflow: str | None
-
-
-AnswerObserver = Callable[[AnswerEvent], Awaitable[None]]
-
-
-def sticky_percent(*parts: str) -> float:
-    """A stable number in [0, 100) for these parts (the same key always lands the same)."""
-    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 10_000 / 100
-
-
-class ConfiguredVersions:
-    """The default version policy: the model's ``version``; its ``canary_version`` for
-    ``canary_percent`` of routing keys (sticky); ``shadow_version`` answered beside."""
-
-    async def choose(self, query: VersionQuery) -> VersionChoice:
-        spec = query.spec
-        if spec.canary_version and spec.canary_percent > 0:
-            if sticky_percent(query.task, query.model, query.key) < spec.canary_percent:
-                return VersionChoice(
-                    version=spec.canary_version, canary=True, shadow_version=spec.shadow_version
-                )
-        return VersionChoice(version=spec.current_version, shadow_version=spec.shadow_version)
+_DONE = object()
 
 
 # -- the gateway ------------------------------------------------------------------------
@@ -204,6 +151,7 @@ class _Tried:
     canary: bool
     cached: bool
     shadow: dict[str, Any] | None
+    data: Any = None  # the validated structured answer, as JSON
 
 
 def _as_text(value: Any) -> str:
@@ -219,72 +167,6 @@ def _as_text(value: Any) -> str:
         raise errors.SerializationError(
             f"Model input of type {type(value).__name__} is neither text nor JSON-able: {exc}"
         ) from exc
-
-
-def _load_factory(spec: str) -> Callable[..., Any]:
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise errors.ConfigurationError(f"Cannot load provider factory {spec!r}: {exc}") from exc
-    if not callable(obj):
-        raise errors.ConfigurationError(f"Provider factory {spec!r} is not callable.")
-    return obj  # type: ignore[no-any-return]
-
-
-def build_provider(name: str, settings: cfg.ProviderConfig, api_key: str | None) -> base.Provider:
-    """A provider instance for one ``[providers.NAME]`` table."""
-    if settings.type == "openai":
-        assert settings.base_url is not None
-        return http.OpenAIProvider(
-            name,
-            base_url=settings.base_url,
-            api_key=api_key,
-            timeout=settings.timeout_s,
-            headers=settings.headers,
-            external=settings.is_external,
-            logprobs=settings.logprobs,
-        )
-    if settings.type == "anthropic":
-        assert settings.base_url is not None
-        return http.AnthropicProvider(
-            name,
-            base_url=settings.base_url,
-            api_key=api_key,
-            timeout=settings.timeout_s,
-            headers=settings.headers,
-            external=settings.is_external,
-            anthropic_version=settings.anthropic_version,
-        )
-    if settings.type == "local":
-        # Imported here, not at the top: the local provider (and scikit-learn behind it)
-        # loads only for configs that use it.
-        try:
-            local = importlib.import_module("flowdesk.models.local")
-            cls = local.LocalClassifierProvider
-        except (ImportError, AttributeError) as exc:
-            raise errors.ConfigurationError(
-                f"Provider {name!r} has type 'local', but flowdesk.models.local."
-                f"LocalClassifierProvider cannot be loaded: {exc}"
-            ) from exc
-        provider = cls(
-            name=name, task=settings.task, models_dir=settings.models_dir, **settings.options
-        )
-    else:
-        if not settings.factory:
-            raise errors.ConfigurationError(
-                f"Provider {name!r} has type 'python' but no factory = 'module:callable' "
-                "(or pass the instance: Gateway(config, providers={name: provider}))."
-            )
-        provider = _load_factory(settings.factory)(name=name, **settings.options)
-    if not isinstance(provider, base.Provider):
-        raise errors.ConfigurationError(
-            f"Provider {name!r}: the factory returned {type(provider).__name__}, not a "
-            "flowdesk.models.base.Provider."
-        )
-    return provider
 
 
 class Gateway:
@@ -324,7 +206,9 @@ class Gateway:
         self._clock = clock
         self._slots: dict[str, _Slot] = {}
         for name, settings in config.providers.items():
-            provider = given.get(name) or build_provider(name, settings, keys.get(name))
+            provider = given.get(name) or providers_mod.build_provider(
+                name, settings, keys.get(name)
+            )
             bucket = None
             if settings.rate_per_s is not None:
                 bucket = guards.TokenBucket(
@@ -357,6 +241,19 @@ class Gateway:
         self.observers: list[AnswerObserver] = list(observers)
         self.hints = HINTS | frozenset(extra_hints)
         self._counters = _Counters()
+        for name, spec in config.models.items():  # a missing GGUF file fails here, not later
+            check = getattr(self._slots[spec.provider].provider, "check_model", None)
+            if check is not None:
+                check(spec.model, f"models.{name}")
+
+    @classmethod
+    def default(cls, **kwargs: Any) -> Gateway:
+        """The gateway with no configuration: the packaged SmolLM2 answers the task
+        ``generate`` in this process (`flowdesk.models.llama.default_config`). A clear
+        `ConfigurationError` when the ``llm`` extra or the model package is missing."""
+        from flowdesk.models import llama
+
+        return cls(llama.default_config(), **kwargs)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **kwargs: Any) -> Gateway:
@@ -385,8 +282,19 @@ class Gateway:
         run_id: str,
         seq: int,
         workflow: str,
+        schema: type[BaseModel] | None = None,
+        on_chunk: base.ChunkSink | None = None,
     ) -> dict[str, Any]:
-        answer = await self.ask(task, input, hints, run_id=run_id, seq=seq, workflow=workflow)
+        answer = await self.ask(
+            task,
+            input,
+            hints,
+            run_id=run_id,
+            seq=seq,
+            workflow=workflow,
+            schema=schema,
+            on_chunk=on_chunk,
+        )
         return answer.model_dump(mode="json")
 
     def load_answer(self, recorded: dict[str, Any]) -> base.Answer:
@@ -402,12 +310,39 @@ class Gateway:
         run_id: str | None = None,
         seq: int | None = None,
         workflow: str | None = None,
+        schema: type[BaseModel] | None = None,
+        on_chunk: base.ChunkSink | None = None,
+        provider: str | None = None,
     ) -> base.Answer:
-        """Answer ``input`` for ``task`` (outside a workflow; inside one use ``ctx.model``)."""
+        """Answer ``input`` for ``task`` (outside a workflow; inside one use ``ctx.model``).
+
+        ``schema``: a Pydantic model the answer must be (``Answer.data`` holds it as
+        JSON); ``on_chunk``: receives the text as it is written (see the module
+        docstring); ``provider``: only the chain's models on this provider may answer."""
         started = time.perf_counter()
         self._counters.asked += 1
         try:
-            answer = await self._ask(task, input, dict(hints or {}), run_id, seq, workflow)
+            limit = self._task(task).answer_timeout_s
+            try:
+                async with asyncio.timeout(limit):
+                    answer = await self._ask(
+                        task,
+                        input,
+                        dict(hints or {}),
+                        run_id,
+                        seq,
+                        workflow,
+                        schema,
+                        on_chunk,
+                        provider,
+                    )
+            except TimeoutError:
+                if limit is None:
+                    raise
+                raise errors.AnswerTimeout(
+                    f"Task {task!r}: no acceptable answer within answer_timeout_s = "
+                    f"{limit:g} s; the generation in progress was stopped."
+                ) from None
         except BaseException:
             self._counters.failed += 1
             raise
@@ -423,6 +358,36 @@ class Gateway:
                 except Exception:
                     log.exception("answer observer %r failed", observer)
         return answer
+
+    async def stream(
+        self,
+        task: str,
+        input: Any,
+        hints: Mapping[str, Any] | None = None,
+        *,
+        schema: type[BaseModel] | None = None,
+        provider: str | None = None,
+    ) -> AsyncIterator[base.Chunk | base.Answer]:
+        """``ask`` as an async iterator: the `base.Chunk` pieces as they are written, then
+        the `base.Answer` last (or the error). Leaving the loop early stops the model."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def sink(chunk: base.Chunk) -> None:
+            queue.put_nowait(chunk)
+
+        job = asyncio.create_task(
+            self.ask(task, input, hints, schema=schema, on_chunk=sink, provider=provider)
+        )
+        job.add_done_callback(lambda _: queue.put_nowait(_DONE))
+        try:
+            while (item := await queue.get()) is not _DONE:
+                yield item
+            yield job.result()
+        finally:
+            if not job.done():
+                job.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await job  # the caller left: the answer, or its error, is moot
 
     def _task(self, task: str) -> cfg.TaskConfig:
         tcfg = self.config.tasks.get(task)
@@ -510,13 +475,37 @@ class Gateway:
         run_id: str | None,
         seq: int | None,
         workflow: str | None,
+        schema: type[BaseModel] | None = None,
+        on_chunk: base.ChunkSink | None = None,
+        provider: str | None = None,
     ) -> base.Answer:
         tcfg = self._task(task)
         self._check_hints(task, hints)
+        if schema is not None:
+            structured.json_schema(schema)  # a class that is no Pydantic model fails here
+            if tcfg.capability != "generate":
+                raise errors.ConfigurationError(
+                    f"ctx.model({task!r}, schema={schema.__name__}): structured output needs "
+                    f"a generate task; {task!r} is a {tcfg.capability} task."
+                )
         text = _as_text(input)
         if len(text) > tcfg.max_input_chars:
             raise errors.ModelInputTooLong(task, len(text), tcfg.max_input_chars)
         chain, dropped = self.route(task, text, hints)
+        if provider is not None:
+            if provider not in self._slots:
+                raise errors.ConfigurationError(
+                    f"No provider {provider!r} in the gateway's config (providers: "
+                    f"{', '.join(sorted(self._slots))})."
+                )
+            for name in list(chain):
+                on = self.config.models[name].provider
+                if on != provider:
+                    chain.remove(name)
+                    dropped[name] = f"on provider {on!r}, not {provider!r}"
+        sink = (
+            streaming.StreamSink(on_chunk, tcfg.max_answer_chars) if on_chunk is not None else None
+        )
         if not chain:
             raise errors.NoEligibleModel(task, dropped)
         key = hints.get("key") or run_id or hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -547,6 +536,8 @@ class Gateway:
                     seq,
                     workflow,
                     spent,
+                    schema,
+                    sink,
                 )
             except errors.ModelError as exc:
                 failures[name] = exc
@@ -567,7 +558,7 @@ class Gateway:
                 or (confidence is not None and confidence >= threshold)
             )
             if sure:
-                return self._answer(tcfg, task, tried, redaction, spent, escalate=False)
+                return self._answer(tcfg, task, tried, redaction, spent, schema, escalate=False)
             log.info(
                 "model %s answered task %s below its confidence threshold (%s < %s)",
                 name,
@@ -578,7 +569,7 @@ class Gateway:
             if best is None or (confidence or 0.0) > (best.result.confidence or 0.0):
                 best = tried
         if best is not None:
-            return self._answer(tcfg, task, best, redaction, spent, escalate=True)
+            return self._answer(tcfg, task, best, redaction, spent, schema, escalate=True)
         raise self._all_failed(task, failures, dropped)
 
     def _answer(
@@ -588,13 +579,24 @@ class Gateway:
         tried: _Tried,
         redaction: pii.Redaction | None,
         spent: list[Any],
+        schema: type[BaseModel] | None,
         *,
         escalate: bool,
     ) -> base.Answer:
         result = tried.result
         text = result.text
+        data = tried.data
         if text is not None and redaction is not None and tcfg.restore_pii:
             text = redaction.restore(text)
+            if schema is not None and data is not None:
+                restored = structured.map_strings(data, redaction.restore)
+                try:
+                    data = schema.model_validate(restored).model_dump(mode="json")
+                except ValueError as exc:
+                    raise errors.AnswerRejected(
+                        f"Task {task!r}: the answer no longer matches {schema.__name__} once "
+                        f"its redacted values are put back ({exc.__class__.__name__})."
+                    ) from None
         counters = self._counters
         counters.fallbacks += tried.index > 0
         counters.escalations += escalate
@@ -620,6 +622,7 @@ class Gateway:
             shadow=tried.shadow,
             escalate=escalate,
             redactions=dict(redaction.counts) if redaction is not None else {},
+            data=data,
         )
         log.debug(
             "task %s answered by %s %s (provider %s, cached=%s, fallback=%s, escalate=%s)",
@@ -646,7 +649,12 @@ class Gateway:
             cls = errors.ProviderUnavailable
         elif len(kinds) == 1:
             cls = kinds.pop()
-            if cls not in (errors.BadModelAnswer, errors.BudgetExceeded):
+            if cls not in (
+                errors.BadModelAnswer,
+                errors.AnswerRejected,
+                errors.BudgetExceeded,
+                errors.ModelOverloaded,
+            ):
                 cls = errors.ModelError
         else:
             cls = errors.ModelError
@@ -668,10 +676,19 @@ class Gateway:
         seq: int | None,
         workflow: str | None,
         spent: list[Any],
+        schema: type[BaseModel] | None = None,
+        sink: streaming.StreamSink | None = None,
     ) -> _Tried:
         choice = await self.versions.choose(VersionQuery(task=task, model=name, spec=spec, key=key))
         max_tokens = hints.get("max_tokens") or tcfg.max_tokens
-        options = {"max_tokens": max_tokens, "temperature": hints.get("temperature")}
+        json_schema = structured.json_schema(schema) if schema is not None else None
+        options = {
+            "max_tokens": max_tokens,
+            "temperature": hints.get("temperature"),
+            "schema": json_schema,
+        }
+        if sink is not None:
+            sink.use(redaction if tcfg.restore_pii else None)
         ttl = tcfg.cache_ttl_s if tcfg.cache_ttl_s is not None else self.config.gateway.cache_ttl_s
         cache_key = None
         if self.cache is not None and ttl > 0:
@@ -687,7 +704,12 @@ class Gateway:
             if hit is not None:
                 self._counters.cache_hits += 1
                 self._check(slot, tcfg, hit)
-                return _Tried(index, hit, slot.name, choice.canary, True, None)
+                data = None
+                if schema is not None:
+                    data = structured.validate(hit.text, schema).model_dump(mode="json")
+                if sink is not None:
+                    await sink.whole(hit.text)
+                return _Tried(index, hit, slot.name, choice.canary, True, None, data)
             self._counters.cache_misses += 1
         request_hints: dict[str, Any] = {
             k: v for k, v in hints.items() if k in ("risk", "data", "region", "temperature")
@@ -711,6 +733,8 @@ class Gateway:
             labels=tuple(tcfg.labels),
             max_tokens=max_tokens,
             timeout=slot.settings.timeout_s,
+            schema=json_schema,
+            schema_name=structured.schema_name(schema) if schema is not None else "answer",
         )
         tokens_in = math.ceil((len(request.text) + len(tcfg.instructions or "") + 200) / 4)
         call = ModelCall(
@@ -725,6 +749,7 @@ class Gateway:
             seq=seq,
             workflow=workflow,
             canary=choice.canary,
+            sink=sink,
         )
         shadow_task: asyncio.Task[CallOutcome] | None = None
         if choice.shadow_version and choice.shadow_version != choice.version:
@@ -737,24 +762,74 @@ class Gateway:
                 ),
                 canary=False,
                 shadow=True,
+                sink=None,
             )
             shadow_task = asyncio.create_task(self._pipeline(shadow_call))
+        data = None
         try:
             outcome = await self._pipeline(call)
+            self._spend(spent, outcome)
             self._check(slot, tcfg, outcome.result)
+            if schema is not None:
+                outcome, data = await self._structured(call, slot, tcfg, schema, outcome, spent)
         except BaseException:
             if shadow_task is not None:
                 shadow_task.cancel()
             raise
-        spent[0] += outcome.result.tokens_in
-        spent[1] += outcome.result.tokens_out
-        spent[2] += outcome.cost_usd
         shadow = None
         if shadow_task is not None:
             shadow = await self._shadow_record(shadow_task, outcome.result, spent)
         if cache_key is not None and self.cache is not None:
             await self.cache.put(cache_key, outcome.result, ttl)
-        return _Tried(index, outcome.result, slot.name, choice.canary, False, shadow)
+        return _Tried(index, outcome.result, slot.name, choice.canary, False, shadow, data)
+
+    @staticmethod
+    def _spend(spent: list[Any], outcome: CallOutcome) -> None:
+        spent[0] += outcome.result.tokens_in
+        spent[1] += outcome.result.tokens_out
+        spent[2] += outcome.cost_usd
+
+    async def _structured(
+        self,
+        call: ModelCall,
+        slot: _Slot,
+        tcfg: cfg.TaskConfig,
+        schema: type[BaseModel],
+        outcome: CallOutcome,
+        spent: list[Any],
+    ) -> tuple[CallOutcome, Any]:
+        """(the outcome, its validated data): the answer validated with ``schema``, else
+        asked once more with the validation error, else `AnswerRejected`."""
+        try:
+            instance = structured.validate(outcome.result.text, schema)
+        except errors.BadModelAnswer as exc:
+            log.info(
+                "model %s answered task %s outside %s, asking again: %s",
+                call.model,
+                call.task,
+                schema.__name__,
+                exc.message,
+            )
+            retry = replace(
+                call,
+                request=replace(
+                    call.request,
+                    previous=outcome.result.text,
+                    feedback=structured.feedback(schema, exc.message),
+                ),
+            )
+            outcome = await self._pipeline(retry)
+            self._spend(spent, outcome)
+            self._check(slot, tcfg, outcome.result)
+            try:
+                instance = structured.validate(outcome.result.text, schema)
+            except errors.BadModelAnswer as again:
+                raise errors.AnswerRejected(
+                    f"Model {call.model!r} (provider {slot.name!r}) answered task "
+                    f"{call.task!r} twice outside {schema.__name__}; the second time "
+                    f"{again.message}"
+                ) from None
+        return outcome, instance.model_dump(mode="json")
 
     @staticmethod
     def _wire_model(spec: cfg.ModelConfig, slot: _Slot, version: str) -> str:
@@ -778,6 +853,12 @@ class Gateway:
         elif tcfg.capability == "generate":
             if not isinstance(result.text, str):
                 raise errors.BadModelAnswer(f"{where} answered no text.")
+            limit = tcfg.max_answer_chars
+            if limit is not None and len(result.text) > limit:
+                raise errors.AnswerRejected(
+                    f"{where} answered {len(result.text)} characters, more than the task's "
+                    f"max_answer_chars = {limit}; the answer is not passed on."
+                )
         elif not result.embedding:
             raise errors.BadModelAnswer(f"{where} answered no embedding.")
 
@@ -829,7 +910,7 @@ class Gateway:
             slot.calls += 1
             try:
                 async with asyncio.timeout(settings.timeout_s):
-                    result = await slot.provider.infer(call.request)
+                    result = await self._call(slot, call)
             except (TimeoutError, errors.ProviderUnavailable) as exc:
                 slot.failures += 1
                 slot.breaker.failure()
@@ -882,6 +963,38 @@ class Gateway:
             latency = (time.perf_counter() - started) * 1000
             return CallOutcome(result=result, latency_ms=latency, cost_usd=cost, attempts=attempt)
 
+    @staticmethod
+    async def _call(slot: _Slot, call: ModelCall) -> base.ProviderResult:
+        """One attempt: ``infer``, or ``stream`` into the call's sink."""
+        sink = call.sink
+        if sink is None:
+            return await slot.provider.infer(call.request)
+        await sink.begin()
+        result: base.ProviderResult | None = None
+        parts = slot.provider.stream(call.request)
+        try:
+            async for part in parts:
+                if isinstance(part, base.ProviderResult):
+                    result = part
+                    break
+                await sink.piece(part)
+        finally:
+            close = getattr(parts, "aclose", None)
+            if close is not None:
+                await close()
+        if result is None:
+            raise errors.BadModelAnswer(
+                f"Provider {slot.name!r}: the stream ended without the whole answer."
+            )
+        await sink.end()
+        return result
+
+    @staticmethod
+    def _provider_stats(slot: _Slot) -> dict[str, Any]:
+        """What the provider reports of itself (a local model: its queue), if anything."""
+        stats = getattr(slot.provider, "stats", None)
+        return {"local": stats()} if callable(stats) else {}
+
     # -- reporting -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Counters since the gateway was made: calls, cache hit rate, fallbacks,
@@ -911,6 +1024,7 @@ class Gateway:
                     "circuit": slot.breaker.state.value,
                     "circuit_opened": slot.breaker.opened,
                     "external": slot.external,
+                    **self._provider_stats(slot),
                 }
                 for name, slot in self._slots.items()
             },
