@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -227,6 +228,7 @@ class Engine:
         try:
             import llama_cpp
 
+            _close_null_files_at_exit()
             self._llm = llama_cpp.Llama(
                 model_path=str(self.path),
                 n_ctx=self.n_ctx,
@@ -487,3 +489,24 @@ class LlamaCppProvider(base.Provider):
             engines, self._engines = list(self._engines.values()), {}
         for engine in engines:
             await asyncio.to_thread(release, engine)
+
+
+_closing_registered = threading.Lock()
+
+
+def _close_null_files_at_exit() -> None:
+    """llama-cpp-python opens two /dev/null files at import (it points stdout and stderr
+    at them while a model loads) and never closes them; close them when the process ends,
+    so it ends without unclosed-file warnings."""
+    if not _closing_registered.acquire(blocking=False):
+        return
+    import atexit
+
+    def close() -> None:
+        utils = sys.modules.get("llama_cpp._utils")
+        for name in ("outnull_file", "errnull_file"):
+            handle = getattr(utils, name, None)
+            if handle is not None and not handle.closed:
+                handle.close()
+
+    atexit.register(close)
