@@ -168,6 +168,42 @@ def users_set_roles(
     )
 
 
+def _read_password(from_stdin: bool) -> str:
+    """The new password: the first line of stdin when piped (or with --password-stdin),
+    else typed twice at a hidden prompt."""
+    if from_stdin or not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        if not line:
+            _fail("no password on stdin: pipe one line, e.g. `printf '%s\\n' \"$PW\" | ...`")
+        return line.rstrip("\r\n")
+    first: str = typer.prompt("New password", hide_input=True)
+    second: str = typer.prompt("Repeat it", hide_input=True)
+    if first != second:
+        _fail("the two passwords differ; nothing changed")
+    return first
+
+
+@users_cli.command("passwd")
+def users_passwd(
+    user_id: Annotated[str, typer.Argument(help="The user's id.")],
+    password_stdin: Annotated[
+        bool,
+        typer.Option("--password-stdin", help="Read the password from stdin (its first line)."),
+    ] = False,
+    clear: Annotated[
+        bool, typer.Option("--clear", help="Remove the password: no web sign-in any more.")
+    ] = False,
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Set the password a user signs in to the web UI with (stored as an argon2 hash;
+    the user's open web sessions end)."""
+    password = None if clear else _read_password(password_stdin)
+    the_app = _app(app, database_url, existing=True)
+    _run(the_app, lambda: Identity(the_app).set_password(user_id, password))
+    typer.echo(f"user {user_id}: password {'removed' if clear else 'set'}")
+
+
 # -- tokens --------------------------------------------------------------------------------
 def _token_state(token: TokenRecord) -> str:
     if token.revoked_at is not None:
