@@ -1,0 +1,454 @@
+"""The web UI (`flowdesk.server.ui`) over HTTP, in process, on both stores: sign-in and
+sessions, CSRF, what each role sees, the inbox, the invoice review page (context,
+document preview, generated form, validation), run pages, dashboard and audit."""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import ui_invoice
+
+import flowdesk
+from flowdesk import RunStatus
+from flowdesk.documents import archive as archive_mod
+from flowdesk.governance import audit as audit_log
+from flowdesk.governance import identity
+from flowdesk.server import app as server
+from flowdesk.store import people
+
+BASE = "https://flowdesk.test"
+_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+@dataclass
+class Env:
+    app: flowdesk.App
+    api: Any
+    archive: archive_mod.Archive
+    wait_until: Any
+    wait_status: Any
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.api), base_url=BASE, follow_redirects=False
+        )
+
+    async def review_task(self) -> tuple[str, str]:
+        """Start an invoice run; its review task id once it is waiting for a person."""
+        run = await self.app.start("ui_test.invoice", {"path": str(ui_invoice.SAMPLE)})
+
+        async def found() -> str | None:
+            page = await self.app.store.list_tasks(people.TaskQuery(run_id=run.id))
+            return page.items[0].id if page.items else None
+
+        task_id: str = await self.wait_until(found, what=f"the review task of {run.id}")
+        return run.id, task_id
+
+
+@pytest.fixture
+async def env(app, tmp_path, wait_until, wait_status) -> AsyncIterator[Env]:
+    archive = archive_mod.Archive(tmp_path / "documents")
+    ui_invoice.register(app, archive)
+    async with app:
+        await ui_invoice.create_users(app)
+        api = server.create_app(
+            app,
+            audit=audit_log.AuditLog(app, tmp_path / "audit.key"),
+            documents=archive,
+            session_key="test-session-key-0123456789",
+        )
+        async with app.worker(concurrency=4):
+            yield Env(app, api, archive, wait_until, wait_status)
+
+
+def csrf_of(page: httpx.Response) -> str:
+    found = _CSRF.search(page.text)
+    assert found, f"no CSRF token in {page.request.url}"
+    return html.unescape(found.group(1))
+
+
+async def sign_in(
+    client: httpx.AsyncClient, user: str, password: str = ui_invoice.PASSWORD
+) -> httpx.Response:
+    form = await client.get("/ui/login")
+    assert form.status_code == 200
+    return await client.post(
+        "/ui/login",
+        data={"user": user, "password": password, "csrf": csrf_of(form), "next": "/ui/inbox"},
+    )
+
+
+@contextlib.asynccontextmanager
+async def signed_in(env: Env, user: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with env.client() as client:
+        r = await sign_in(client, user)
+        assert r.status_code == 303, r.text
+        yield client
+
+
+def text_of(r: httpx.Response) -> str:
+    """The page's visible text, roughly (tags dropped, whitespace folded)."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", r.text)).split())
+
+
+# -- sign-in, sessions, CSRF -------------------------------------------------------------------
+
+
+async def test_sign_in_opens_a_secure_session_and_refuses_wrong_passwords(env):
+    async with env.client() as client:
+        r = await client.get("/ui/inbox")
+        assert r.status_code == 303 and r.headers["location"].startswith("/ui/login?next=")
+        root = await client.get("/", headers={"Accept": "text/html"})
+        assert root.status_code == 307 and root.headers["location"] == "/ui/"
+
+        bad = await sign_in(client, "anna", "not the password")
+        assert bad.status_code == 401 and "Unknown user or wrong password" in bad.text
+        unknown = await sign_in(client, "nobody", ui_invoice.PASSWORD)
+        assert unknown.status_code == 401 and "Unknown user or wrong password" in unknown.text
+        assert "flowdesk_session" not in client.cookies
+
+        ok = await sign_in(client, "anna")
+        assert ok.status_code == 303 and ok.headers["location"] == "/ui/inbox"
+        cookie = ok.headers["set-cookie"]
+        assert "flowdesk_session=" in cookie
+        for attribute in ("HttpOnly", "Secure", "SameSite=lax", "Path=/ui"):
+            assert attribute.lower() in cookie.lower(), cookie
+        inbox = await client.get("/ui/inbox")
+        assert inbox.status_code == 200 and "anna" in inbox.text
+
+    rows = await env.app.store.audit_rows(0, 10_000)
+    assert any(r[3] == "user.signed_in" and r[4] == "user:anna" for r in rows)
+
+
+async def test_the_sign_in_form_needs_its_own_token(env):
+    async with env.client() as client:
+        r = await client.post(
+            "/ui/login", data={"user": "anna", "password": ui_invoice.PASSWORD, "csrf": "forged"}
+        )
+        assert r.status_code == 403 and "flowdesk_session" not in client.cookies
+
+
+async def test_posts_without_the_session_csrf_token_are_refused(env):
+    _, task_id = await env.review_task()
+    async with signed_in(env, "anna") as client:
+        r = await client.post(f"/ui/tasks/{task_id}/claim", data={})
+        assert r.status_code == 403 and "token" in text_of(r)
+        r = await client.post(f"/ui/tasks/{task_id}/claim", data={"csrf": "wrong"})
+        assert r.status_code == 403
+        assert (await env.app.store.get_task(task_id)).assignee is None
+        page = await client.get(f"/ui/tasks/{task_id}")
+        r = await client.post(f"/ui/tasks/{task_id}/claim", data={"csrf": csrf_of(page)})
+        assert r.status_code == 303
+        assert (await env.app.store.get_task(task_id)).assignee == "anna"
+
+
+async def test_sessions_end_on_the_server(env):
+    async with signed_in(env, "anna") as client:
+        cookie = client.cookies["flowdesk_session"]
+        page = await client.get("/ui/inbox")
+        r = await client.post("/ui/logout", data={"csrf": csrf_of(page)})
+        assert r.status_code == 303
+    async with env.client() as replay:  # the copied cookie is worthless after sign-out
+        replay.cookies.set("flowdesk_session", cookie, domain="flowdesk.test", path="/ui")
+        assert (await replay.get("/ui/inbox")).status_code == 303
+        tampered = cookie[:-2] + ("AA" if not cookie.endswith("AA") else "BB")
+        replay.cookies.set("flowdesk_session", tampered, domain="flowdesk.test", path="/ui")
+        assert (await replay.get("/ui/inbox")).status_code == 303
+
+    async with signed_in(env, "anna") as client:  # a new password ends sessions
+        assert (await client.get("/ui/inbox")).status_code == 200
+        await identity.Identity(env.app).set_password("anna", "another good password")
+        assert (await client.get("/ui/inbox")).status_code == 303
+
+    async with signed_in(env, "bob") as client:  # so does the expiry the store keeps
+        assert (await client.get("/ui/inbox")).status_code == 200
+        await env.app.submit(
+            lambda tx: tx._run("UPDATE ui_sessions SET expires_at = 1 WHERE user_id = 'bob'")
+        )
+        assert (await client.get("/ui/inbox")).status_code == 303
+
+    async with signed_in(env, "vera") as client:  # and disabling the user
+        await identity.Identity(env.app).update_user("vera", disabled=True)
+        assert (await client.get("/ui/inbox")).status_code == 303
+
+
+# -- what each role sees -----------------------------------------------------------------------
+
+
+async def test_what_a_user_sees_follows_their_roles(env):
+    run_id, task_id = await env.review_task()
+    async with signed_in(env, "anna") as anna:
+        inbox = await anna.get("/ui/inbox")
+        assert 'href="/ui/runs"' not in inbox.text and 'href="/ui/audit"' not in inbox.text
+        for path in ("/ui/runs", f"/ui/runs/{run_id}", "/ui/dashboard", "/ui/audit"):
+            r = await anna.get(path)
+            assert r.status_code == 403, path
+            assert "Not allowed" in r.text and "operator" in text_of(r)
+        r = await anna.post(f"/ui/runs/{run_id}/cancel", data={"csrf": csrf_of(inbox)})
+        assert r.status_code == 403
+        assert (await env.app.get_run(run_id)).status == RunStatus.WAITING
+
+    async with signed_in(env, "bob") as bob:  # an approver of another group
+        r = await bob.get(f"/ui/tasks/{task_id}")
+        assert r.status_code == 403 and "not offered to you" in text_of(r)
+        assert task_id not in (await bob.get("/ui/inbox")).text
+        r = await bob.get(f"/ui/tasks/{task_id}/pages/1.png")
+        assert r.status_code == 403
+
+    async with signed_in(env, "vera") as vera:  # a viewer reads, never acts
+        page = await vera.get(f"/ui/tasks/{task_id}")
+        assert page.status_code == 200 and "Complete task" not in page.text
+        r = await vera.post(
+            f"/ui/tasks/{task_id}/complete", data={"csrf": csrf_of(page), "decision": "approve"}
+        )
+        assert r.status_code == 403
+        assert "Send signal" not in (await vera.get(f"/ui/runs/{run_id}")).text
+
+    async with signed_in(env, "olga") as olga:  # operators see and press the buttons
+        page = await olga.get(f"/ui/runs/{run_id}")
+        assert page.status_code == 200
+        for button in ("Send signal", "Cancel run", "Retry from failed step"):
+            assert button in page.text
+        for path in ("/ui/dashboard", "/ui/audit", f"/ui/tasks/{task_id}"):
+            assert (await olga.get(path)).status_code == 200, path
+
+
+# -- inbox and the review task -----------------------------------------------------------------
+
+
+async def test_the_inbox_shows_my_and_my_groups_tasks_overdue_first(env):
+    _, first = await env.review_task()
+    _, second = await env.review_task()
+    await env.app.submit(  # the second one is overdue
+        lambda tx: tx._run("UPDATE tasks SET due_at = 1000 WHERE id = ?", (second,))
+    )
+    async with signed_in(env, "anna") as anna:
+        page = await anna.get("/ui/inbox")
+        assert page.status_code == 200
+        assert page.text.index(second) < page.text.index(first)
+        assert "overdue" in text_of(page)
+        overdue = await anna.get("/ui/inbox?overdue=true")
+        assert second in overdue.text and first not in overdue.text
+        mine = await anna.get("/ui/inbox?view=mine")
+        assert first not in mine.text  # nobody claimed it yet
+        groups = await anna.get("/ui/inbox?view=groups")
+        assert first in groups.text and second in groups.text
+        await anna.post(f"/ui/tasks/{first}/claim", data={"csrf": csrf_of(page)})
+        assert first in (await anna.get("/ui/inbox?view=mine")).text
+        bad = await anna.get("/ui/inbox?view=everything")
+        assert bad.status_code == 422
+
+
+async def test_the_review_page_shows_the_context_the_document_and_the_form(env):
+    _, task_id = await env.review_task()
+    task = await env.app.store.get_task(task_id)
+    fields = task.context["fields"]
+    async with signed_in(env, "anna") as anna:
+        page = await anna.get(f"/ui/tasks/{task_id}")
+        assert page.status_code == 200
+        text = text_of(page)
+        assert task.context["summary"] in text
+        for reason in task.context["reasons"]:
+            assert reason in text
+        assert "review" in text and "72%" in text and "medium" in text  # the suggestion
+        # every field is outlined where it was read, in percent of its page
+        width, height = (task.context["document"]["pages"][0][k] for k in ("width", "height"))
+        x0, y0 = fields["total"]["bbox"][:2]
+        assert (
+            f'data-box="total" style="left:{x0 / width * 100:.3f}%;top:{y0 / height * 100:.3f}%'
+            in page.text
+        )
+        # the form is generated from the schema, prefilled from the extraction
+        assert '<label for="f-vendor_name">' in page.text
+        assert f'value="{fields["vendor_name"]["value"]}"' in page.text
+        assert '<select id="f-decision" name="decision"' in page.text
+        assert re.findall(r'<label for="([^"]+)"', page.text).count("f-total") == 1
+        # each page of the document as a PNG, only through the task
+        png = await anna.get(f"/ui/tasks/{task_id}/pages/1.png")
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.content.startswith(b"\x89PNG\r\n\x1a\n")
+        assert (await anna.get(f"/ui/tasks/{task_id}/pages/2.png")).status_code == 404
+        original = await anna.get(f"/ui/tasks/{task_id}/document")
+        assert original.content == ui_invoice.SAMPLE.read_bytes()
+
+
+async def test_completing_validates_the_form_then_advances_the_run(env):
+    run_id, task_id = await env.review_task()
+    async with signed_in(env, "anna") as anna:
+        page = await anna.get(f"/ui/tasks/{task_id}")
+        token = csrf_of(page)
+        bad = await anna.post(
+            f"/ui/tasks/{task_id}/complete",
+            data={
+                "csrf": token,
+                "decision": "",
+                "vendor_name": "Dextal SARL",
+                "invoice_number": "RE-12359",
+                "total": "-5",
+                "note": "",
+            },
+        )
+        assert bad.status_code == 422
+        text = text_of(bad)
+        assert "Some fields need your attention" in text
+        assert 'aria-invalid="true"' in bad.text
+        assert re.search(r'id="f-total-err">[^<]*0', bad.text), "no message at the total field"
+        assert re.search(r'id="f-decision-err">[^<]*required', bad.text)
+        assert 'value="-5"' in bad.text  # what was typed stays
+        assert (await env.app.get_run(run_id)).status == RunStatus.WAITING
+        notnumber = await anna.post(
+            f"/ui/tasks/{task_id}/complete",
+            data={
+                "csrf": token,
+                "decision": "approve",
+                "vendor_name": "Dextal SARL",
+                "invoice_number": "RE-12359",
+                "total": "a lot",
+            },
+        )
+        assert notnumber.status_code == 422 and "is not a number" in text_of(notnumber)
+
+        draft = await anna.post(
+            f"/ui/tasks/{task_id}/complete",
+            data={"csrf": token, "intent": "draft", "decision": "approve", "total": "51000"},
+        )
+        assert draft.status_code == 303
+        assert (await env.app.store.get_task(task_id)).draft == {
+            "decision": "approve",
+            "total": 51000,
+        }
+
+        done = await anna.post(
+            f"/ui/tasks/{task_id}/complete",
+            data={
+                "csrf": token,
+                "decision": "approve",
+                "vendor_name": "Dextal S.A.R.L.",
+                "invoice_number": "RE-12359",
+                "total": "51633.87",
+                "note": "checked",
+            },
+        )
+        assert done.status_code == 303 and done.headers["location"].endswith("?done=1")
+        run = await env.wait_status(env.app, run_id, RunStatus.SUCCEEDED)
+        assert run.output["vendor_name"] == "Dextal S.A.R.L." and run.output["total"] == 51633.87
+        after = await anna.get(f"/ui/tasks/{task_id}")
+        assert "Completed by anna" in text_of(after)
+        progress = await anna.get(f"/ui/tasks/{task_id}/progress")
+        assert 'id="run-status">succeeded' in progress.text
+        assert "ui_test.post_invoice" in progress.text
+        assert "hx-trigger" not in progress.text  # a finished run is not polled any more
+
+
+async def test_claim_delegate_and_comment(env):
+    _, task_id = await env.review_task()
+    async with signed_in(env, "anna") as anna:
+        token = csrf_of(await anna.get(f"/ui/tasks/{task_id}"))
+        assert (
+            await anna.post(f"/ui/tasks/{task_id}/claim", data={"csrf": token})
+        ).status_code == 303
+        r = await anna.post(
+            f"/ui/tasks/{task_id}/comment", data={"csrf": token, "text": "VAT looks off"}
+        )
+        assert r.status_code == 303
+        empty = await anna.post(f"/ui/tasks/{task_id}/comment", data={"csrf": token, "text": " "})
+        assert empty.status_code == 422 and "empty comment" in text_of(empty)
+        nobody = await anna.post(
+            f"/ui/tasks/{task_id}/delegate", data={"csrf": token, "to": "ghost"}
+        )
+        assert nobody.status_code == 422
+        r = await anna.post(f"/ui/tasks/{task_id}/delegate", data={"csrf": token, "to": "vera"})
+        assert r.status_code == 303
+    task = await env.app.store.get_task(task_id)
+    assert task.assignee == "vera"
+    async with signed_in(env, "olga") as olga:
+        page = text_of(await olga.get(f"/ui/tasks/{task_id}"))
+        assert "VAT looks off" in page and "delegated" in page
+
+
+async def test_a_task_with_a_free_form_context_is_shown_as_key_values(env):
+    run = await env.app.start("ui_test.ask")
+
+    async def task_id() -> str | None:
+        items = (await env.app.store.list_tasks(people.TaskQuery(run_id=run.id))).items
+        return items[0].id if items else None
+
+    found = await env.wait_until(task_id, what="the escalation task")
+    async with signed_in(env, "anna") as anna:
+        r = await anna.get(f"/ui/tasks/{found}")
+        assert r.status_code == 200
+        text = text_of(r)
+        assert "Refund for order 1234" in text and "Customer ACME" in text and "99.5" in text
+        assert "Source document" not in text and "data-box" not in r.text
+
+
+# -- runs, dashboard, audit --------------------------------------------------------------------
+
+
+async def test_runs_list_filters_and_a_failed_runs_timeline(env):
+    broken = await env.app.start("ui_test.broken")
+    await env.wait_status(env.app, broken.id, RunStatus.FAILED)
+    waiting, _ = await env.review_task()
+    async with signed_in(env, "olga") as olga:
+        every = await olga.get("/ui/runs")
+        assert broken.id in every.text and waiting in every.text
+        failed = await olga.get("/ui/runs?status=failed")
+        assert broken.id in failed.text and waiting not in failed.text
+        by_flow = await olga.get("/ui/runs?workflow=ui_test.invoice&since=15m")
+        assert waiting in by_flow.text and broken.id not in by_flow.text
+        page = await olga.get(f"/ui/runs/{broken.id}")
+        text = text_of(page)
+        assert "RuntimeError: the ledger refused the posting" in text
+        assert "Traceback" in text and "ui_test.boom" in text
+        token = csrf_of(page)
+        r = await olga.post(f"/ui/runs/{broken.id}/retry", data={"csrf": token})
+        assert r.status_code == 303
+        await env.wait_status(env.app, broken.id, RunStatus.FAILED)
+        assert (await env.app.get_run(broken.id)).attempts >= 1
+
+        timeline = await olga.get(f"/ui/runs/{waiting}")
+        assert "human task" in text_of(timeline) and "invoice-review" in timeline.text
+        r = await olga.post(
+            f"/ui/runs/{waiting}/signal", data={"csrf": token, "name": "poke", "payload": "{bad"}
+        )
+        assert r.status_code == 409 and "not valid JSON" in text_of(r)
+        r = await olga.post(
+            f"/ui/runs/{waiting}/cancel", data={"csrf": token, "reason": "duplicate"}
+        )
+        assert r.status_code == 303
+        await env.wait_status(env.app, waiting, RunStatus.CANCELLED)
+
+
+async def test_dashboard_and_audit_pages(env):
+    run_id, task_id = await env.review_task()
+    broken = await env.app.start("ui_test.broken")
+    await env.wait_status(env.app, broken.id, RunStatus.FAILED)
+    async with signed_in(env, "olga") as olga:
+        board = await olga.get("/ui/dashboard?window=15m")
+        assert board.status_code == 200
+        assert re.search(r'id="stat-failed">1<', board.text)
+        assert re.search(r'id="stat-backlog">1<', board.text)
+        assert '<svg class="chart"' in board.text and "Runs per minute" in board.text
+        assert "ui_test.read_invoice" in board.text  # step latency table
+        panels = await olga.get("/ui/dashboard/panels?window=1h")
+        assert panels.status_code == 200 and "<html" not in panels.text
+
+        audit = await olga.get("/ui/audit")
+        assert audit.status_code == 200 and "task.created" in audit.text
+        only = await olga.get("/ui/audit?actor=olga&action=user.signed")
+        assert "user.signed_in" in only.text and "task.created" not in only.text
+        verdict = await olga.post("/ui/audit/verify", data={"csrf": csrf_of(audit)})
+        assert verdict.status_code == 200 and "The chain is intact" in verdict.text
+
+        await env.app.submit(  # now break it, as an intruder editing the table would
+            lambda tx: tx._run("UPDATE audit SET actor = 'mallory' WHERE seq = 2")
+        )
+        verdict = await olga.post("/ui/audit/verify", data={"csrf": csrf_of(audit)})
+        assert "The chain is broken at record #2" in text_of(verdict)
