@@ -57,6 +57,7 @@ class Dashboard:
     cost: list[tuple[str, int, float, float]]  # model task, calls, total usd, usd per call
     cost_per_run: list[tuple[str, int, float]]  # workflow, runs, usd per run
     drift: list[sql_models.DriftState]
+    answers: int = 0  # model answers with a confidence, in the window
     charts: dict[str, Markup] = field(default_factory=dict)
 
 
@@ -144,6 +145,7 @@ async def build(app: App, window: str) -> Dashboard:
             key=lambda x: -x[2],
         ),
         drift=drift,
+        answers=len(confidences),
     )
     board.charts["throughput"] = await _throughput(store, since, now, minutes)
     board.charts["confidence"] = _confidence(confidences)

@@ -32,6 +32,7 @@ class Field:
     value: str = ""  # as shown in the input
     minimum: float | None = None
     maximum: float | None = None
+    exclusive: tuple[bool, bool] = (False, False)  # is the minimum, the maximum exclusive
     max_length: int | None = None
     errors: list[str] = field(default_factory=list)
     source: Mapping[str, Any] | None = None  # the extracted field it corrects, if any
@@ -152,6 +153,7 @@ def _walk(
                 value=_shown(value, widget),
                 minimum=_num(prop.get("minimum", prop.get("exclusiveMinimum"))),
                 maximum=_num(prop.get("maximum", prop.get("exclusiveMaximum"))),
+                exclusive=("exclusiveMinimum" in prop, "exclusiveMaximum" in prop),
                 max_length=prop.get("maxLength")
                 if isinstance(prop.get("maxLength"), int)
                 else None,
@@ -285,8 +287,32 @@ def attach_errors(fields: list[Field], problems: list[dict[str, Any]]) -> list[s
         if target is None:
             loose.append(f"{name}: {p.get('message')}" if name else str(p.get("message")))
         else:
-            target.errors.append(str(p.get("message")))
+            target.errors.append(friendly(p, target))
     return loose
+
+
+def friendly(problem: Mapping[str, Any], f: Field) -> str:
+    """A validation message in the words of the form, not of JSON Schema."""
+    kind = problem.get("type")
+    if kind in ("required", "missing"):
+        return "Please fill this in." if f.widget not in ("select", "boolean") else "Please choose."
+    if kind in ("enum", "const", "literal_error"):
+        return "Please choose one of the options."
+    if kind in ("minimum", "exclusiveMinimum") and f.minimum is not None:
+        return f"Must be {'more than' if f.exclusive[0] else 'at least'} {f.minimum:g}."
+    if kind in ("maximum", "exclusiveMaximum") and f.maximum is not None:
+        return f"Must be {'less than' if f.exclusive[1] else 'at most'} {f.maximum:g}."
+    if kind == "minLength":
+        return "Please fill this in."
+    if kind == "maxLength" and f.max_length is not None:
+        return f"At most {f.max_length} characters."
+    if kind == "type":
+        return {
+            "number": "Enter a number.",
+            "integer": "Enter a whole number.",
+            "boolean": "Please choose yes or no.",
+        }.get(f.widget, str(problem.get("message")))
+    return str(problem.get("message"))
 
 
 def values_from_posted(fields: list[Field], posted: Mapping[str, str]) -> None:
