@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import re
 import sys
 from datetime import UTC, datetime, timedelta
@@ -601,8 +602,18 @@ def serve(
             "'open' or 'token'.",
         ),
     ] = "local",
+    documents: Annotated[
+        Path | None,
+        typer.Option(
+            "--documents",
+            help="The document archive folder, so the web UI shows review tasks' source "
+            "documents (default: $FLOWDESK_DOCUMENTS, else none).",
+        ),
+    ] = None,
 ) -> None:
-    """Serve the HTTP API, with a worker in the same process unless --no-worker."""
+    """Serve the HTTP API and the web UI (/ui), with a worker in the same process unless
+    --no-worker. Sign-in cookies are signed with $FLOWDESK_SESSION_KEY (set the same value
+    on every API server; without it each process makes its own)."""
     from flowdesk.observe import logs
 
     try:
@@ -617,6 +628,14 @@ def serve(
             raise
         _fail("this flowdesk has no HTTP server (flowdesk.server.app is missing)")
     audit = AuditLog(the_app, key_file)
+    folder = documents or (
+        Path(os.environ["FLOWDESK_DOCUMENTS"]) if os.environ.get("FLOWDESK_DOCUMENTS") else None
+    )
+    archive = None
+    if folder is not None:
+        from flowdesk.documents.archive import Archive
+
+        archive = Archive(folder)
     try:
         result = server.serve(
             the_app,
@@ -625,6 +644,7 @@ def serve(
             worker=not no_worker,
             audit=audit,
             metrics_access=metrics_access,
+            documents=archive,
             log_config=None,  # uvicorn's lines go through the handler configured above
         )
     except errors.FlowdeskError as exc:

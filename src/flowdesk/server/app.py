@@ -223,13 +223,16 @@ def serve(
     log_level: str = "info",
     metrics_access: str = "local",
     log_config: dict[str, Any] | None = uvicorn.config.LOGGING_CONFIG,
+    documents: archive_mod.Archive | None = None,
 ) -> None:
     """Serve the REST API of ``app`` (with an embedded worker unless ``worker=False``) until
     interrupted (Ctrl-C or SIGTERM: the worker finishes in-flight work, then stops).
     ``log_config=None`` leaves uvicorn's loggers to the root logger's handlers (as
     `flowdesk.observe.logs.configure` set them)."""
     uvicorn.run(
-        create_app(app, audit=audit, worker=worker, metrics_access=metrics_access),
+        create_app(
+            app, audit=audit, worker=worker, metrics_access=metrics_access, documents=documents
+        ),
         host=host,
         port=port,
         log_level=log_level,

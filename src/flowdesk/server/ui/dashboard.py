@@ -118,6 +118,10 @@ async def build(app: App, window: str) -> Dashboard:
         if m.run_id and m.workflow:
             per_run[m.workflow].add(m.run_id)
             run_cost[m.workflow] += m.cost_usd
+    if not model_samples:  # no ledger (the gateway's accounting is off): the model steps
+        for name, values in step_samples.items():
+            if name.startswith("model:"):
+                model_samples[name.removeprefix("model:") + " · (step)"] = values
     drift: list[sql_models.DriftState] = []
     if isinstance(app.store, sql_models.ModelsStore):
         drift = [d for d in await app.store.drift_states() if d.level != "none"]

@@ -65,7 +65,7 @@ def _ms(value: float | None) -> str:
     if value is None:
         return "–"
     if value < 1:
-        return f"{value:.2f} ms"
+        return "<1 ms"
     if value < 1000:
         return f"{value:.0f} ms"
     if value < 60_000:

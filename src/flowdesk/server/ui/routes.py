@@ -235,22 +235,39 @@ def _context_view(task: people.TaskRecord, ui: UiState) -> dict[str, Any]:
     fields: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
     document = ctx.get("document") if isinstance(ctx.get("document"), Mapping) else None
     reasons = ctx.get("reasons")
-    suggestion = ctx.get("suggestion") if isinstance(ctx.get("suggestion"), Mapping) else None
-    summary = ctx.get("summary") or ctx.get("title")
+    if not isinstance(reasons, list):
+        reasons = [ctx["why"]] if isinstance(ctx.get("why"), str) else []
+    found_sg = ctx.get("suggestion")
+    suggestion: dict[str, Any] = dict(found_sg) if isinstance(found_sg, Mapping) else {}
+    if isinstance(found_sg, str):
+        suggestion = {"answer": found_sg}
+    used = set(KNOWN_CONTEXT) | {"why"}
+    for key in ("confidence", "risk"):  # the model's figures may sit beside the suggestion
+        if key not in suggestion and isinstance(ctx.get(key), int | float | str):
+            if key == "confidence" and not isinstance(ctx[key], int | float):
+                continue
+            suggestion[key] = ctx[key]
+            used.add(key)
+    summary = None
+    for key in ("summary", "title", "text", "message", "question", "justification"):
+        if isinstance(ctx.get(key), str) and ctx[key].strip():
+            summary = ctx[key]
+            used.add(key)
+            break
     page_count = 0
     if document is not None:
         pages = document.get("pages")
         page_count = len(pages) if isinstance(pages, list) else 1
     return {
-        "summary": summary if isinstance(summary, str) else None,
-        "reasons": [str(r) for r in reasons] if isinstance(reasons, list) else [],
-        "suggestion": suggestion,
+        "summary": summary,
+        "reasons": [str(r) for r in reasons],
+        "suggestion": suggestion or None,
         "document": document,
         "previewable": document is not None and ui.documents is not None,
         "page_count": max(1, page_count),
         "fields": fields,
         "boxes": _boxes(document, fields) if document is not None else {},
-        "other": {k: v for k, v in ctx.items() if k not in KNOWN_CONTEXT},
+        "other": {k: v for k, v in ctx.items() if k not in used},
     }
 
 
