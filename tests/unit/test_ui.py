@@ -387,6 +387,8 @@ async def test_a_task_with_a_free_form_context_is_shown_as_key_values(env):
         text = text_of(r)
         assert "Refund for order 1234" in text and "Customer ACME" in text and "99.5" in text
         assert "Source document" not in text and "data-box" not in r.text
+        assert "<script>alert" not in r.text  # what a context says is text, never markup
+        assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in r.text
 
 
 # -- runs, dashboard, audit --------------------------------------------------------------------

@@ -110,7 +110,12 @@ def register(app: flowdesk.App, archive: archive_mod.Archive) -> None:
             "escalation",
             title="Customer asks for a refund",
             form=InvoiceReview,
-            context={"title": "Refund for order 1234", "customer": "ACME", "amount": 99.5},
+            context={
+                "title": "Refund for order 1234",
+                "customer": "ACME",
+                "amount": 99.5,
+                "message": '<script>alert("x")</script> "quoted"',
+            },
             candidates=flowdesk.Assignees(users=["anna"]),
         )
 

@@ -77,6 +77,11 @@ def secure_request(request: Request) -> bool:
         return True
 
 
+def cookie_path(request: Request) -> str:
+    """Where the UI is mounted (``/ui``, or under a proxy's prefix): cookies go nowhere else."""
+    return str(request.scope.get("root_path") or "/ui")
+
+
 @dataclass(frozen=True, slots=True)
 class Session:
     user: people.UserRecord
@@ -160,7 +165,7 @@ class Sessions:
             name,
             value,
             max_age=max_age,
-            path="/ui",
+            path=cookie_path(request),
             httponly=True,
             samesite="lax",
             secure=secure_request(request),
@@ -168,7 +173,11 @@ class Sessions:
 
     def clear_cookie(self, request: Request, response: Response, name: str) -> None:
         response.delete_cookie(
-            name, path="/ui", httponly=True, samesite="lax", secure=secure_request(request)
+            name,
+            path=cookie_path(request),
+            httponly=True,
+            samesite="lax",
+            secure=secure_request(request),
         )
 
 

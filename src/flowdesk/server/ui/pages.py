@@ -81,7 +81,12 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value * 100:.0f}%"
 
 
-templates.filters.update(when=_when, ago=_ago, ms=_ms, pretty=_pretty, pct=_pct)
+def _compact(value: Any) -> str:
+    """JSON on one line, as plain text (so autoescaping makes it safe in attributes too)."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+templates.filters.update(when=_when, ago=_ago, ms=_ms, pretty=_pretty, pct=_pct, compact=_compact)
 templates.globals.update(quote=quote)
 
 
