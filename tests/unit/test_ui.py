@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import io
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from flowdesk.documents import archive as archive_mod
 from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity
 from flowdesk.server import app as server
+from flowdesk.server.ui import preview
 from flowdesk.store import people
 
 BASE = "https://flowdesk.test"
@@ -122,6 +124,10 @@ async def test_sign_in_opens_a_secure_session_and_refuses_wrong_passwords(env):
             assert attribute.lower() in cookie.lower(), cookie
         inbox = await client.get("/ui/inbox")
         assert inbox.status_code == 200 and "anna" in inbox.text
+        again = await client.get("/ui/login?next=/ui/audit")  # signed in: straight on
+        assert again.status_code == 303 and again.headers["location"] == "/ui/audit"
+        away = await client.get("/ui/login?next=https://evil.example/")
+        assert away.headers["location"] == "/ui/inbox"  # never to another site
 
     rows = await env.app.store.audit_rows(0, 10_000)
     assert any(r[3] == "user.signed_in" and r[4] == "user:anna" for r in rows)
@@ -187,6 +193,8 @@ async def test_what_a_user_sees_follows_their_roles(env):
     async with signed_in(env, "anna") as anna:
         inbox = await anna.get("/ui/inbox")
         assert 'href="/ui/runs"' not in inbox.text and 'href="/ui/audit"' not in inbox.text
+        missing = await anna.get("/ui/no-such-page")
+        assert missing.status_code == 404 and "There is no page at this address" in missing.text
         for path in ("/ui/runs", f"/ui/runs/{run_id}", "/ui/dashboard", "/ui/audit"):
             r = await anna.get(path)
             assert r.status_code == 403, path
@@ -389,6 +397,31 @@ async def test_a_task_with_a_free_form_context_is_shown_as_key_values(env):
         assert "Source document" not in text and "data-box" not in r.text
         assert "<script>alert" not in r.text  # what a context says is text, never markup
         assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in r.text
+
+
+def test_page_previews_of_pdfs_and_scans(tmp_path):
+    from PIL import Image
+
+    archive = archive_mod.Archive(tmp_path)
+    for name, pages in (
+        ("inv-2025-0001-L1-fr_FR.pdf", 1),
+        ("inv-2025-0001-L1-fr_FR.scan.jpg", 1),
+        ("inv-2025-0002-L2-de_DE.scan.png", 1),
+        ("inv-2025-0005-L5-de_DE.scan.tiff", 2),
+        ("inv-2025-0004-L4-fr_FR.scan.pdf", 1),
+    ):
+        doc_id = archive.put((ui_invoice.DATA / name).read_bytes())
+        for page in range(1, pages + 1):
+            png = preview.render(archive, doc_id, page)
+            with Image.open(io.BytesIO(png)) as image:
+                assert image.format == "PNG" and image.width == preview.WIDTH, name
+                assert 1.2 < image.height / image.width < 1.6, name  # an A4 page
+        with pytest.raises(preview.NoPreview, match=f"has {pages} page"):
+            preview.render(archive, doc_id, pages + 1)
+    with pytest.raises(preview.NoPreview):
+        preview.render(archive, "0" * 64, 1)
+    with pytest.raises(preview.NoPreview):
+        preview.render(archive, "../../etc/passwd", 1)
 
 
 # -- runs, dashboard, audit --------------------------------------------------------------------

@@ -163,9 +163,39 @@ UNLABELLED = """() => Array.from(document.querySelectorAll("input, select, texta
   .map(el => el.outerHTML.slice(0, 120))"""
 
 
+LOW_CONTRAST = """() => {
+  const parse = s => { const m = s.match(/rgba?\\(([^)]+)\\)/); if (!m) return null;
+    const p = m[1].split(",").map(Number); return {rgb: p.slice(0, 3), a: p.length > 3 ? p[3] : 1}; };
+  const lum = rgb => { const [r, g, b] = rgb.map(v => { v /= 255;
+    return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  const background = el => { for (let e = el; e; e = e.parentElement) {
+    const c = parse(getComputedStyle(e).backgroundColor); if (c && c.a > 0.5) return c.rgb; }
+    return [255, 255, 255]; };
+  const opacity = el => { let o = 1; for (let e = el; e; e = e.parentElement)
+    o *= Number(getComputedStyle(e).opacity); return o; };
+  const bad = [];
+  for (const el of document.querySelectorAll("body *")) {
+    if (!Array.from(el.childNodes).some(n => n.nodeType === 3 && n.textContent.trim())) continue;
+    if (el.closest("[disabled], svg, option, .sr-only, .skip")) continue;
+    const st = getComputedStyle(el), box = el.getBoundingClientRect();
+    if (st.visibility === "hidden" || box.width === 0 || opacity(el) < 0.99) continue;
+    const a = lum(parse(st.color).rgb), b = lum(background(el));
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    const large = parseFloat(st.fontSize) >= 24
+      || (parseFloat(st.fontSize) >= 18.66 && Number(st.fontWeight) >= 700);
+    if (ratio < (large ? 3 : 4.5))
+      bad.push(`${el.tagName}.${el.className} "${el.textContent.trim().slice(0, 30)}" ${ratio.toFixed(2)}`);
+  }
+  return bad;
+}"""
+
+
 def shot(page: Page, name: str) -> None:
-    """Save a screenshot of the page, after checking every form field has a label."""
+    """Save a screenshot of the page, after checking that every form field has a label and
+    all text has WCAG AA contrast with its background (4.5:1; 3:1 for large text)."""
     assert page.evaluate(UNLABELLED) == [], f"form fields without a label on {page.url}"
+    assert page.evaluate(LOW_CONTRAST) == [], f"text with too little contrast on {page.url}"
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 

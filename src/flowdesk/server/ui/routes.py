@@ -54,8 +54,10 @@ def _safe_next(target: str | None, root: str) -> str:
 # -- sign-in ---------------------------------------------------------------------------------
 @router.get("/login")
 async def login_page(request: Request, ui: State, next: str | None = None) -> Response:
-    token = ui.sessions.login_token()
     root = request.scope.get("root_path", "")
+    if await ui.sessions.resolve(request.cookies.get(auth.COOKIE)) is not None:
+        return redirect(request, _safe_next(next, root))  # signed in already
+    token = ui.sessions.login_token()
     response = render(
         request, "login.html", None, login_token=token, next=_safe_next(next, root), error=None
     )
