@@ -165,7 +165,8 @@ UNLABELLED = """() => Array.from(document.querySelectorAll("input, select, texta
 
 LOW_CONTRAST = """() => {
   const parse = s => { const m = s.match(/rgba?\\(([^)]+)\\)/); if (!m) return null;
-    const p = m[1].split(",").map(Number); return {rgb: p.slice(0, 3), a: p.length > 3 ? p[3] : 1}; };
+    const p = m[1].split(",").map(Number);
+    return {rgb: p.slice(0, 3), a: p.length > 3 ? p[3] : 1}; };
   const lum = rgb => { const [r, g, b] = rgb.map(v => { v /= 255;
     return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
     return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
@@ -185,7 +186,8 @@ LOW_CONTRAST = """() => {
     const large = parseFloat(st.fontSize) >= 24
       || (parseFloat(st.fontSize) >= 18.66 && Number(st.fontWeight) >= 700);
     if (ratio < (large ? 3 : 4.5))
-      bad.push(`${el.tagName}.${el.className} "${el.textContent.trim().slice(0, 30)}" ${ratio.toFixed(2)}`);
+      bad.push(`${el.tagName}.${el.className} "${el.textContent.trim().slice(0, 30)}" `
+               + ratio.toFixed(2));
   }
   return bad;
 }"""
