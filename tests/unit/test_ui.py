@@ -23,7 +23,7 @@ from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity
 from flowdesk.server import app as server
 from flowdesk.server.ui import preview
-from flowdesk.store import people
+from flowdesk.store import base, people, sql_models
 
 BASE = "https://flowdesk.test"
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -459,6 +459,43 @@ async def test_runs_list_filters_and_a_failed_runs_timeline(env):
         )
         assert r.status_code == 303
         await env.wait_status(env.app, waiting, RunStatus.CANCELLED)
+
+
+async def test_model_calls_show_on_the_run_and_the_dashboard(env):
+    run_id, _ = await env.review_task()
+    now = base.now_ms()
+    calls = [
+        sql_models.LedgerRow(
+            at=now,
+            run_id=run_id,
+            seq=1,
+            workflow="ui_test.invoice",
+            task="invoice.classify",
+            model="local:clf",
+            provider="local",
+            version="v1",
+            role="current",
+            status="ok",
+            error=None,
+            tokens_in=120,
+            tokens_out=3,
+            cost_usd=cost,
+            latency_ms=latency,
+            confidence=confidence,
+        )
+        for cost, latency, confidence in ((0.0012, 42.0, 0.87), (0.0008, 58.0, 0.31))
+    ]
+    await env.app.submit(lambda tx: sql_models.models_tx(tx).record_model_calls(calls))
+    async with signed_in(env, "olga") as olga:
+        page = text_of(await olga.get(f"/ui/runs/{run_id}"))
+        assert "model invoice.classify · local:clf · 42 ms · confidence 87% · $0.00120" in page
+        assert "confidence 31%" in page and "$0.0020" in page  # the run's total
+        board = await olga.get("/ui/dashboard?window=15m")
+        text = text_of(board)
+        assert "invoice.classify · local:clf 2 42 ms 58 ms 58 ms" in text  # p50 p95 p99
+        assert "invoice.classify 2 $0.0020 $0.00100" in text  # calls, total, per call
+        assert "ui_test.invoice 1 $0.00200" in text  # per run
+        assert "Model confidence of 2 answers" in board.text
 
 
 async def test_dashboard_and_audit_pages(env):

@@ -113,3 +113,17 @@ def test_bad_inputs_are_named_at_their_fields_in_plain_words():
     assert by_name["corrections.total"] == ["Must be more than 0."]
     assert loose == []
     assert formgen.attach_errors(fields, [{"field": "", "message": "whole form"}]) == ["whole form"]
+
+
+def test_percentiles_by_nearest_rank():
+    from flowdesk.server.ui.dashboard import percentile
+
+    assert percentile([], 50) == 0.0
+    assert percentile([42.0, 58.0], 50) == 42.0
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 50), percentile(values, 95), percentile(values, 99)) == (
+        50.0,
+        95.0,
+        99.0,
+    )
+    assert percentile([7.0], 99) == 7.0
