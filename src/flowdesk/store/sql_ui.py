@@ -167,25 +167,35 @@ class UiStore(sql.SqlStore):
         out += [(int(r[0]), str(r[1]), int(r[2])) for r in finished]
         return out
 
-    async def run_counts(self) -> dict[str, int]:
-        """Runs per status (every run)."""
-        rows = await self._read("SELECT status, COUNT(*) FROM runs GROUP BY status")
+    async def run_counts(self, since: int) -> dict[str, int]:
+        """Active runs per status, and runs that finished since ``since`` per final status
+        (two index range scans: never the whole table)."""
+        rows = await self._read(
+            "SELECT status, COUNT(*) FROM runs WHERE status IN ('queued', 'running', 'waiting')"
+            " GROUP BY status"
+        )
+        rows += await self._read(
+            "SELECT status, COUNT(*) FROM runs WHERE finished_at >= ? GROUP BY status", (since,)
+        )
         return {str(r[0]): int(r[1]) for r in rows}
 
     async def step_durations(self, since: int, limit: int = 5000) -> list[tuple[str, int, int]]:
-        """``(step name, duration ms, attempts)`` of the latest finished steps."""
+        """``(step name, duration ms, attempts)`` of the latest steps finished since
+        ``since``: steps of runs still active or finished since then (found by index)."""
         rows = await self._read(
             "SELECT name, finished_at - started_at, attempts FROM steps"
             " WHERE kind = 'step' AND finished_at >= ? AND status <> 'pending'"
+            " AND run_id IN (SELECT id FROM runs WHERE finished_at >= ?"
+            " UNION SELECT id FROM runs WHERE status IN ('queued', 'running', 'waiting'))"
             " ORDER BY finished_at DESC LIMIT ?",
-            (since, limit),
+            (since, since, limit),
         )
         return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]
 
     async def model_samples(self, since: int, limit: int = 5000) -> list[ModelSample]:
         rows = await self._read(
             "SELECT at, task, model, status, latency_ms, confidence, cost_usd, run_id, workflow"
-            " FROM model_ledger WHERE at >= ? ORDER BY id DESC LIMIT ?",
+            " FROM model_ledger WHERE at >= ? ORDER BY at DESC LIMIT ?",
             (since, limit),
         )
         return [

@@ -83,7 +83,7 @@ async def build(app: App, window: str) -> Dashboard:
     since = now - minutes * 60_000
     await app.open()
     store = sql_ui.ui_store(app.store)
-    counts = await store.run_counts()
+    counts = await store.run_counts(since)
     gauges = await app.store.run_gauges()
     queues: dict[str, tuple[int, int | None]] = {}
     for g in gauges:

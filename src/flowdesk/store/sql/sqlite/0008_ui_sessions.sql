@@ -1,5 +1,5 @@
--- flowdesk schema 8: web UI sign-in sessions (users.password_hash holds the argon2 hash
--- of each user's password since schema 3).
+-- flowdesk schema 8: web UI sign-in sessions, and an index for its dashboard
+-- (users.password_hash, there since schema 3, holds each user's argon2 password hash).
 
 -- One row per browser session. The cookie carries a random secret; only its SHA-256 is
 -- stored, so a stolen database opens no session. Expiry is decided here, not by the
@@ -15,3 +15,6 @@ CREATE TABLE ui_sessions (
     ended_at    INTEGER
 );
 CREATE INDEX ui_sessions_user ON ui_sessions (user_id);
+
+-- The dashboard reads the model calls of a recent window, newest first.
+CREATE INDEX model_ledger_at ON model_ledger (at);
