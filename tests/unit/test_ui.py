@@ -180,6 +180,14 @@ async def test_sessions_end_on_the_server(env):
         )
         assert (await client.get("/ui/inbox")).status_code == 303
 
+    async def sessions() -> list[tuple[str, int]]:
+        rows = await env.app.store._read("SELECT user_id, expires_at FROM ui_sessions")
+        return sorted((str(r[0]), int(r[1])) for r in rows)
+
+    assert ("bob", 1) in await sessions()  # kept a week after it ended, then forgotten:
+    async with signed_in(env, "bob"):
+        assert ("bob", 1) not in await sessions()
+
     async with signed_in(env, "vera") as client:  # and disabling the user
         await identity.Identity(env.app).update_user("vera", disabled=True)
         assert (await client.get("/ui/inbox")).status_code == 303

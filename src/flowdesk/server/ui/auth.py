@@ -44,6 +44,7 @@ LOGIN_COOKIE = "flowdesk_signin"
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "X-CSRF-Token"
 LOGIN_TTL_S = 3600
+PRUNE_AFTER_MS = 7 * 24 * 3600 * 1000  # ended or expired sessions are forgotten a week later
 
 
 def _b64(data: bytes) -> str:
@@ -118,10 +119,13 @@ class Sessions:
         csrf = secrets.token_urlsafe(24)
         expires = base.now_ms() + int(self.lifetime.total_seconds() * 1000)
         hashed = ident.hash_secret(secret)
-        await self.app.submit(
-            lambda tx: sql_ui.ui_tx(tx).start_session(hashed, user.id, csrf, expires),
-            actor=user.id,
-        )
+
+        async def start(tx: base.Tx) -> None:
+            sessions = sql_ui.ui_tx(tx)
+            await sessions.prune_sessions(base.now_ms() - PRUNE_AFTER_MS)  # keeps it small
+            await sessions.start_session(hashed, user.id, csrf, expires)
+
+        await self.app.submit(start, actor=user.id)
         return f"{secret}.{self._sign(secret)}", Session(user, csrf, expires)
 
     async def resolve(self, cookie: str | None) -> Session | None:
