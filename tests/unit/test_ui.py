@@ -23,6 +23,7 @@ from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity
 from flowdesk.server import app as server
 from flowdesk.server.ui import preview
+from flowdesk.store import audit as store_audit
 from flowdesk.store import base, people, sql_models
 
 BASE = "https://flowdesk.test"
@@ -361,6 +362,35 @@ async def test_completing_validates_the_form_then_advances_the_run(env):
         assert 'id="run-status">succeeded' in progress.text
         assert "ui_test.post_invoice" in progress.text
         assert "hx-trigger" not in progress.text  # a finished run is not polled any more
+
+
+async def test_whoever_asked_for_the_work_may_not_approve_it(env):
+    token = store_audit.ACTOR.set("anna")  # anna started this run herself
+    try:
+        run = await env.app.start("ui_test.invoice", {"path": str(ui_invoice.SAMPLE)})
+    finally:
+        store_audit.ACTOR.reset(token)
+
+    async def task_id() -> str | None:
+        items = (await env.app.store.list_tasks(people.TaskQuery(run_id=run.id))).items
+        return items[0].id if items else None
+
+    found = await env.wait_until(task_id, what="the review task")
+    async with signed_in(env, "anna") as anna:
+        page = await anna.get(f"/ui/tasks/{found}")
+        r = await anna.post(
+            f"/ui/tasks/{found}/complete",
+            data={
+                "csrf": csrf_of(page),
+                "decision": "approve",
+                "vendor_name": "Dextal SARL",
+                "invoice_number": "RE-12359",
+                "total": "51633.87",
+            },
+        )
+        assert r.status_code == 403 and "needs a second person" in text_of(r)
+        assert 'value="51633.87"' in r.text  # the page stays as it was, with her values
+    assert (await env.app.get_run(run.id)).status == RunStatus.WAITING
 
 
 async def test_claim_delegate_and_comment(env):

@@ -92,6 +92,7 @@ def register(app: flowdesk.App, archive: archive_mod.Archive) -> None:
             context=context,
             candidates=flowdesk.Assignees(groups=["finance"]),
             due=timedelta(hours=4),
+            four_eyes=True,
         )
         if review.decision == "reject":
             return {"decision": "reject", "note": review.note}

@@ -423,6 +423,10 @@ async def _complete(
         )
     try:
         await ui.services.inbox.complete(task.id, who, data)
+    except errors.FourEyesViolation as exc:  # the requester may not decide their own work
+        return await _task_page(
+            request, ui, session, task, status=403, posted=posted, message=exc.message
+        )
     except errors.InvalidForm as exc:
         return await _task_page(
             request,
