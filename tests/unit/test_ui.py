@@ -481,10 +481,15 @@ async def test_runs_list_filters_and_a_failed_runs_timeline(env):
         assert "RuntimeError: the ledger refused the posting" in text
         assert "Traceback" in text and "ui_test.boom" in text
         token = csrf_of(page)
+        before = (await env.app.get_run(broken.id)).attempts
         r = await olga.post(f"/ui/runs/{broken.id}/retry", data={"csrf": token})
         assert r.status_code == 303
-        await env.wait_status(env.app, broken.id, RunStatus.FAILED)
-        assert (await env.app.get_run(broken.id)).attempts >= 1
+
+        async def failed_again() -> bool:
+            run = await env.app.get_run(broken.id)
+            return run.status == RunStatus.FAILED and run.attempts > before
+
+        await env.wait_until(failed_again, what="the retried run to fail again")
 
         timeline = await olga.get(f"/ui/runs/{waiting}")
         assert "human task" in text_of(timeline) and "invoice-review" in timeline.text

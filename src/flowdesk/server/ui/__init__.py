@@ -10,10 +10,11 @@ mix with the REST API's JSON errors and it stays out of the API's OpenAPI docume
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from importlib import resources
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
 from flowdesk.documents import archive as archive_mod
@@ -43,7 +44,9 @@ def create_ui(
     pages.install_error_pages(ui)
 
     @ui.middleware("http")
-    async def headers(request, call_next):  # type: ignore[no-untyped-def]
+    async def headers(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         response = await call_next(request)
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
