@@ -5,8 +5,8 @@ child workflow.
 on http://127.0.0.1:8000 with an embedded worker, feeds it sample orders, and plays a demo
 approver who answers the approval tasks in the inbox once they are a minute old (so the
 newest wait in the web inbox for you). It creates users on first start (``admin``, ``omar``
-the operator, ``dana`` the approver; web password ``DEMO_PASSWORD``) and writes an admin
-API token to ``.flowdesk-admin-token``::
+the operator, ``dana`` the approver; every demo person's web password is
+``DEMO_PASSWORD``) and writes an admin API token to ``.flowdesk-admin-token``::
 
     curl -H "Authorization: Bearer $(cat .flowdesk-admin-token)" localhost:8000/tasks
 
@@ -31,6 +31,7 @@ import uvicorn
 from pydantic import BaseModel, Field
 
 import flowdesk
+from flowdesk.documents.archive import Archive
 from flowdesk.governance.audit import AuditLog
 from flowdesk.governance.identity import Identity
 from flowdesk.humans.inbox import Inbox
@@ -121,8 +122,6 @@ async def bootstrap() -> None:
     ):
         if user not in known:
             await identity.create_user(user, roles=roles, groups=groups)
-        if await app.store.password_hash(user) is None:  # for the web UI
-            await identity.set_password(user, DEMO_PASSWORD)
     if not _token_saved():
         _, secret = await identity.create_token("admin", name="demo")
         _save_token(secret)
@@ -194,13 +193,22 @@ async def demo() -> None:
 
 
 async def _serve(helpers: Any) -> None:
-    api = create_app(app, audit=AuditLog(app, every=500), worker=True)
+    identity = Identity(app)
+    for user in await identity.list_users():  # every demo person signs in to the web UI
+        if await app.store.password_hash(user.id) is None:
+            await identity.set_password(user.id, DEMO_PASSWORD)
+    api = create_app(
+        app,
+        audit=AuditLog(app, every=500),
+        worker=True,
+        documents=Archive("flowdesk-documents"),  # the invoice assistant's (invoice_demo.py)
+    )
     port = int(os.environ.get("FLOWDESK_PORT", "8000"))
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
     stop = asyncio.Event()
     print(f"flowdesk on {app.database_url}: API on http://127.0.0.1:{port} (docs at /docs)")
-    print(f"web UI on http://127.0.0.1:{port}: sign in as dana (the demo approver) or omar")
-    print(f"  (the demo operator), password {DEMO_PASSWORD!r}")
+    print(f"web UI on http://127.0.0.1:{port}: sign in as dana (the demo approver), paula")
+    print(f"  (invoice reviews) or omar (the demo operator), password {DEMO_PASSWORD!r}")
     print(f"admin API token in {TOKEN_FILE}; Ctrl-C stops")
     serving = asyncio.create_task(server.serve())
     while not server.started and not serving.done():

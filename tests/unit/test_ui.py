@@ -393,6 +393,56 @@ async def test_whoever_asked_for_the_work_may_not_approve_it(env):
     assert (await env.app.get_run(run.id)).status == RunStatus.WAITING
 
 
+async def test_the_invoice_assistants_own_review_form(env):
+    run = await env.app.start("ui_test.assistant_form", {"path": str(ui_invoice.SAMPLE)})
+
+    async def task_id() -> str | None:
+        items = (await env.app.store.list_tasks(people.TaskQuery(run_id=run.id))).items
+        return items[0].id if items else None
+
+    found = await env.wait_until(task_id, what="the review task")
+    async with signed_in(env, "anna") as anna:
+        page = await anna.get(f"/ui/tasks/{found}")
+        assert page.status_code == 200
+        for label in ("Vendor tax ID", "Invoice date", "PO number", "IBAN", "Total"):
+            assert f">{label}</label>" in page.text or f">{label} <" in page.text, label
+        assert (
+            'name="invoice_date" value="2024-03-20"' in page.text.replace('type="text" ', "")
+            or 'value="2024-03-20"' in page.text
+        )
+        token = csrf_of(page)
+        # the form's own rule (approving needs a total) comes back as a message
+        r = await anna.post(
+            f"/ui/tasks/{found}/complete",
+            data={
+                "csrf": token,
+                "decision": "approve",
+                "vendor_name": "Dextal SARL",
+                "invoice_number": "RE-12359",
+                "invoice_date": "2024-03-20",
+                "currency": "EUR",
+                "total": "",
+            },
+        )
+        assert r.status_code == 422 and "to approve, fill in: total" in text_of(r)
+        r = await anna.post(
+            f"/ui/tasks/{found}/complete",
+            data={
+                "csrf": token,
+                "decision": "approve",
+                "vendor_name": "Dextal SARL",
+                "invoice_number": "RE-12359",
+                "invoice_date": "2024-03-20",
+                "currency": "EUR",
+                "total": "51633.87",
+                "comment": "ok",
+            },
+        )
+        assert r.status_code == 303, text_of(r)
+    done = await env.wait_status(env.app, run.id, RunStatus.SUCCEEDED)
+    assert done.output["total"] == "51633.87" and done.output["invoice_date"] == "2024-03-20"
+
+
 async def test_claim_delegate_and_comment(env):
     _, task_id = await env.review_task()
     async with signed_in(env, "anna") as anna:

@@ -127,3 +127,14 @@ def test_percentiles_by_nearest_rank():
         99.0,
     )
     assert percentile([7.0], 99) == 7.0
+
+
+def test_labels_read_like_sentences_unless_the_schema_names_them():
+    class Invoice(BaseModel):
+        vendor_tax_id: str
+        po_number: str
+        iban: str
+        net: float = Field(title="Net amount (EUR)")
+
+    labels = [f.label for f in formgen.fields_of(Invoice.model_json_schema())]
+    assert labels == ["Vendor tax ID", "PO number", "IBAN", "Net amount (EUR)"]

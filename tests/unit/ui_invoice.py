@@ -104,6 +104,21 @@ def register(app: flowdesk.App, archive: archive_mod.Archive) -> None:
             "posted": posted,
         }
 
+    @app.workflow("ui_test.assistant_form")
+    async def assistant_form(ctx: flowdesk.Context, path: str) -> dict[str, Any]:
+        """The same review, with the invoice assistant's own form."""
+        from flowdesk.assistants import invoices
+
+        context = await ctx.step(read_invoice, path)
+        review = await ctx.human_task(
+            "invoices.review",
+            title="Review with the assistant's form",
+            form=invoices.InvoiceReview,
+            context=context,
+            candidates=flowdesk.Assignees(groups=["finance"]),
+        )
+        return review.model_dump(mode="json")
+
     @app.workflow("ui_test.ask")
     async def ask(ctx: flowdesk.Context) -> Any:
         """An escalation with a free-form context (no document, no suggestion)."""

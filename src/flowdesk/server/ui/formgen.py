@@ -1,7 +1,7 @@
 """HTML forms from a task's JSON Schema, and the posted form back to JSON.
 
 Each property becomes one `Field` (nested objects become groups of fields with dotted
-names, ``corrections.total``): strings are text inputs (a textarea past 200 characters),
+names, ``corrections.total``): strings are text inputs (a textarea past 500 characters),
 enums and ``Literal`` are selects, booleans are a yes/no choice, numbers are number
 inputs, nullable fields accept an empty input as null, and arrays of plain values are one
 value per line. Anything else (arrays of objects, unions of objects) is edited as JSON.
@@ -82,11 +82,20 @@ def _split_nullable(
     return schema, False
 
 
+ACRONYMS = frozenset({"iban", "bic", "po", "vat", "id", "sku", "url", "iso", "eu", "us", "uk"})
+
+
 def _label(name: str, schema: Mapping[str, Any]) -> str:
+    """The schema's own title, unless it is Pydantic's default one ("Vendor Tax Id"):
+    then the name in sentence case with its acronyms in capitals ("Vendor tax ID")."""
     title = schema.get("title")
-    if isinstance(title, str) and title:
+    if isinstance(title, str) and title and title != name.replace("_", " ").title():
         return title
-    return name.replace("_", " ").capitalize()
+    words = name.replace("_", " ").split()
+    shown = [w.upper() if w.lower() in ACRONYMS else w.lower() for w in words]
+    if shown and shown[0].islower():
+        shown[0] = shown[0].capitalize()
+    return " ".join(shown)
 
 
 def _shown(value: Any, widget: Widget) -> str:
@@ -195,7 +204,7 @@ def _widget(
         return "number", []
     if kind == "string":
         limit = prop.get("maxLength")
-        return ("textarea" if isinstance(limit, int) and limit > 200 else "text"), []
+        return ("textarea" if isinstance(limit, int) and limit > 500 else "text"), []
     if kind == "array":
         items = _resolve(prop.get("items") or {}, root)
         if items.get("type") in ("string", "integer", "number"):
