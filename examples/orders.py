@@ -3,7 +3,7 @@ child workflow.
 
 ``python examples/orders.py`` (what ``make run`` does) serves the REST API and the web UI
 on http://127.0.0.1:8000 with an embedded worker, feeds it sample orders, and plays a demo
-approver who answers the approval tasks in the inbox once they are a minute old (so the
+approver who answers the approval tasks in the inbox once they are 20 seconds old (so the
 newest wait in the web inbox for you). It creates users on first start (``admin``, ``omar``
 the operator, ``dana`` the approver; every demo person's web password is
 ``DEMO_PASSWORD``) and writes an admin API token to ``.flowdesk-admin-token``::
@@ -108,7 +108,7 @@ async def fulfil(
 
 TOKEN_FILE = Path(".flowdesk-admin-token")
 DEMO_PASSWORD = os.environ.get("FLOWDESK_DEMO_PASSWORD", "flowdesk-demo")
-LEAVE_FOR_PEOPLE = timedelta(minutes=1)  # the demo approver answers older tasks only
+LEAVE_FOR_PEOPLE = timedelta(seconds=20)  # the demo approver answers older tasks only
 
 
 async def bootstrap() -> None:
