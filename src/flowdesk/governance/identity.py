@@ -21,11 +21,13 @@ Roles and what they allow:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 import argon2
 
@@ -44,6 +46,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "users:admin": frozenset({"admin"}),
 }
 
+T = TypeVar("T")
 _USER_ID = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
 TOKEN_PREFIX = "fdt_"
 MIN_PASSWORD = 8
@@ -51,6 +54,13 @@ MAX_PASSWORD = 1024
 
 _hasher = argon2.PasswordHasher()
 _DUMMY_HASH = _hasher.hash("flowdesk: no such user")
+# Hashing has threads of its own: a sign-in never queues behind slow work (OCR, say) that
+# others sent to the event loop's default executor.
+_hashing = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="flowdesk-passwords")
+
+
+async def _in_hashing_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_hashing, fn, *args)
 
 
 def allowed(user: UserRecord, permission: str) -> bool:
@@ -184,7 +194,7 @@ class Identity:
         hashed = None
         if password is not None:
             check_password_rules(password)
-            hashed = await asyncio.to_thread(_hasher.hash, password)
+            hashed = await _in_hashing_thread(_hasher.hash, password)
         await self.get_user(user_id)
         await self.app.submit(lambda tx: sql_ui.ui_tx(tx).set_password(user_id, hashed))
 
@@ -197,7 +207,7 @@ class Identity:
         user = await self.app.store.get_user(user_id) if _USER_ID.match(user_id) else None
         stored = None if user is None else await self.app.store.password_hash(user_id)
         try:
-            await asyncio.to_thread(_hasher.verify, stored or _DUMMY_HASH, password)
+            await _in_hashing_thread(_hasher.verify, stored or _DUMMY_HASH, password)
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
             raise refused from None
         if user is None or stored is None or user.disabled:

@@ -9,6 +9,8 @@ person comes back to it). Needs the ``documents`` extra (pypdfium2, Pillow).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import io
 
@@ -19,8 +21,19 @@ WIDTH = 1100
 MAX_PAGES = 200
 
 
+# Rendering has threads of its own, so previews never queue behind slow work (OCR) that
+# others sent to the event loop's default executor.
+_rendering = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="flowdesk-previews")
+
+
 class NoPreview(errors.NotFound):
     """The document has no such page, or it is not a PDF or an image."""
+
+
+async def render_async(archive: archive_mod.Archive, doc_id: str, page: int) -> bytes:
+    """`render`, in a rendering thread."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_rendering, render, archive, doc_id, page)
 
 
 def render(archive: archive_mod.Archive, doc_id: str, page: int) -> bytes:

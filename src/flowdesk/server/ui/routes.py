@@ -463,7 +463,7 @@ async def task_page_image(
     task = await _visible_task(ui, task_id, session)
     doc_id = _document_id(task, ui)
     assert ui.documents is not None
-    png = await asyncio.to_thread(preview.render, ui.documents, doc_id, page)
+    png = await preview.render_async(ui.documents, doc_id, page)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
