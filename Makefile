@@ -21,13 +21,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages: Tesseract OCR with English, German and French (flowdesk.documents reads
-# scans with it), the DejaVu and Liberation fonts (the sample invoice generator), and a C++
-# compiler with cmake (llama-cpp-python, the llm extra, builds llama.cpp from source). Only
+# scans with it), the DejaVu and Liberation fonts (the sample invoice generator), a C++
+# compiler with cmake (llama-cpp-python, the llm extra, builds llama.cpp from source) and
+# Chromium (the web UI's browser tests drive it; never a downloaded browser). Only
 # installed when missing; through sudo when not root; elsewhere, a warning.
 SYSTEM_PACKAGES := tesseract-ocr tesseract-ocr-eng tesseract-ocr-deu tesseract-ocr-fra \
-	fonts-dejavu-core fonts-liberation g++ cmake
+	fonts-dejavu-core fonts-liberation g++ cmake chromium
 SYSTEM_FILES := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf \
-	/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf /usr/bin/g++ /usr/bin/cmake
+	/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf /usr/bin/g++ /usr/bin/cmake \
+	/usr/bin/chromium
 
 system-deps:
 	@langs="$$(tesseract --list-langs 2>/dev/null)"; missing=0; \
@@ -35,7 +37,7 @@ system-deps:
 	for file in $(SYSTEM_FILES); do [ -e "$$file" ] || missing=1; done; \
 	if [ "$$missing" = 0 ]; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
-		echo "warning: install Tesseract OCR (eng, deu, fra) yourself; OCR needs it" >&2; exit 0; fi; \
+		echo "warning: install Tesseract OCR (eng, deu, fra) and Chromium yourself" >&2; exit 0; fi; \
 	sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	echo "installing $(SYSTEM_PACKAGES)"; \
 	$$sudo apt-get update -q && \

@@ -1,11 +1,12 @@
 """A small order-fulfilment app: charge, ask a person to approve big orders, ship in a
 child workflow.
 
-``python examples/orders.py`` (what ``make run`` does) serves the REST API on
-http://127.0.0.1:8000 with an embedded worker, feeds it sample orders, and plays a demo
-approver who answers the approval tasks in the inbox. It creates users on first start
-(``admin``, ``omar`` the operator, ``dana`` the approver) and writes an admin API token to
-``.flowdesk-admin-token``::
+``python examples/orders.py`` (what ``make run`` does) serves the REST API and the web UI
+on http://127.0.0.1:8000 with an embedded worker, feeds it sample orders, and plays a demo
+approver who answers the approval tasks in the inbox once they are 20 seconds old (so the
+newest wait in the web inbox for you). It creates users on first start (``admin``, ``omar``
+the operator, ``dana`` the approver; every demo person's web password is
+``DEMO_PASSWORD``) and writes an admin API token to ``.flowdesk-admin-token``::
 
     curl -H "Authorization: Bearer $(cat .flowdesk-admin-token)" localhost:8000/tasks
 
@@ -22,7 +23,7 @@ import asyncio
 import contextlib
 import os
 import random
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import uvicorn
 from pydantic import BaseModel, Field
 
 import flowdesk
+from flowdesk.documents.archive import Archive
 from flowdesk.governance.audit import AuditLog
 from flowdesk.governance.identity import Identity
 from flowdesk.humans.inbox import Inbox
@@ -105,6 +107,8 @@ async def fulfil(
 
 
 TOKEN_FILE = Path(".flowdesk-admin-token")
+DEMO_PASSWORD = os.environ.get("FLOWDESK_DEMO_PASSWORD", "flowdesk-demo")
+LEAVE_FOR_PEOPLE = timedelta(seconds=20)  # the demo approver answers older tasks only
 
 
 async def bootstrap() -> None:
@@ -159,6 +163,8 @@ async def feed(stop: asyncio.Event, helpers: Any) -> None:
         finally:
             audit.ACTOR.reset(token)
         for task in (await inbox.tasks(dana, status=["open"], limit=20)).items:
+            if task.created_at > datetime.now(UTC) - LEAVE_FOR_PEOPLE:
+                continue
             approve = random.random() < 0.8
             note = "fine" if approve else "too expensive"
             await inbox.complete(task.id, dana, {"approved": approve, "note": note})
@@ -187,11 +193,22 @@ async def demo() -> None:
 
 
 async def _serve(helpers: Any) -> None:
-    api = create_app(app, audit=AuditLog(app, every=500), worker=True)
+    identity = Identity(app)
+    for user in await identity.list_users():  # every demo person signs in to the web UI
+        if await app.store.password_hash(user.id) is None:
+            await identity.set_password(user.id, DEMO_PASSWORD)
+    api = create_app(
+        app,
+        audit=AuditLog(app, every=500),
+        worker=True,
+        documents=Archive("flowdesk-documents"),  # the invoice assistant's (invoice_demo.py)
+    )
     port = int(os.environ.get("FLOWDESK_PORT", "8000"))
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
     stop = asyncio.Event()
     print(f"flowdesk on {app.database_url}: API on http://127.0.0.1:{port} (docs at /docs)")
+    print(f"web UI on http://127.0.0.1:{port}: sign in as dana (the demo approver), paula")
+    print(f"  (invoice reviews) or omar (the demo operator), password {DEMO_PASSWORD!r}")
     print(f"admin API token in {TOKEN_FILE}; Ctrl-C stops")
     serving = asyncio.create_task(server.serve())
     while not server.started and not serving.done():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import re
 import sys
 from datetime import UTC, datetime, timedelta
@@ -166,6 +167,42 @@ def users_set_roles(
         f"user {after.id}: roles {', '.join(before.roles) or 'none'} -> "
         f"{', '.join(after.roles) or 'none'}"
     )
+
+
+def _read_password(from_stdin: bool) -> str:
+    """The new password: the first line of stdin when piped (or with --password-stdin),
+    else typed twice at a hidden prompt."""
+    if from_stdin or not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        if not line:
+            _fail("no password on stdin: pipe one line, e.g. `printf '%s\\n' \"$PW\" | ...`")
+        return line.rstrip("\r\n")
+    first: str = typer.prompt("New password", hide_input=True)
+    second: str = typer.prompt("Repeat it", hide_input=True)
+    if first != second:
+        _fail("the two passwords differ; nothing changed")
+    return first
+
+
+@users_cli.command("passwd")
+def users_passwd(
+    user_id: Annotated[str, typer.Argument(help="The user's id.")],
+    password_stdin: Annotated[
+        bool,
+        typer.Option("--password-stdin", help="Read the password from stdin (its first line)."),
+    ] = False,
+    clear: Annotated[
+        bool, typer.Option("--clear", help="Remove the password: no web sign-in any more.")
+    ] = False,
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Set the password a user signs in to the web UI with (stored as an argon2 hash;
+    the user's open web sessions end)."""
+    password = None if clear else _read_password(password_stdin)
+    the_app = _app(app, database_url, existing=True)
+    _run(the_app, lambda: Identity(the_app).set_password(user_id, password))
+    typer.echo(f"user {user_id}: password {'removed' if clear else 'set'}")
 
 
 # -- tokens --------------------------------------------------------------------------------
@@ -565,8 +602,18 @@ def serve(
             "'open' or 'token'.",
         ),
     ] = "local",
+    documents: Annotated[
+        Path | None,
+        typer.Option(
+            "--documents",
+            help="The document archive folder, so the web UI shows review tasks' source "
+            "documents (default: $FLOWDESK_DOCUMENTS, else none).",
+        ),
+    ] = None,
 ) -> None:
-    """Serve the HTTP API, with a worker in the same process unless --no-worker."""
+    """Serve the HTTP API and the web UI (/ui), with a worker in the same process unless
+    --no-worker. Sign-in cookies are signed with $FLOWDESK_SESSION_KEY (set the same value
+    on every API server; without it each process makes its own)."""
     from flowdesk.observe import logs
 
     try:
@@ -581,6 +628,14 @@ def serve(
             raise
         _fail("this flowdesk has no HTTP server (flowdesk.server.app is missing)")
     audit = AuditLog(the_app, key_file)
+    folder = documents or (
+        Path(os.environ["FLOWDESK_DOCUMENTS"]) if os.environ.get("FLOWDESK_DOCUMENTS") else None
+    )
+    archive = None
+    if folder is not None:
+        from flowdesk.documents.archive import Archive
+
+        archive = Archive(folder)
     try:
         result = server.serve(
             the_app,
@@ -589,6 +644,7 @@ def serve(
             worker=not no_worker,
             audit=audit,
             metrics_access=metrics_access,
+            documents=archive,
             log_config=None,  # uvicorn's lines go through the handler configured above
         )
     except errors.FlowdeskError as exc:

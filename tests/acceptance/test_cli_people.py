@@ -450,6 +450,46 @@ def test_retention_run_purges_old_finished_runs(people: Flow, people_worker: Pro
     assert _ok(people, "audit", "verify").stdout.startswith("audit chain OK")
 
 
+def _passwd(flow: Flow, *args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flowdesk", "users", "passwd", *args],
+        input=stdin,
+        env=flow.env,
+        cwd=flow.root,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_users_passwd_stores_an_argon2_hash_from_stdin(people: Flow) -> None:
+    _ok(people, "users", "create", "dana", "--role", "approver")
+    done = _passwd(people, "dana", "--password-stdin", stdin="a long enough secret\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "user dana: password set"
+    ((stored,),) = people.rows("SELECT password_hash FROM users WHERE id = 'dana'")
+    assert stored.startswith("$argon2id$") and "a long enough secret" not in stored
+
+    async def check() -> tuple[str, str]:
+        async with flowdesk.App(people.url) as app:
+            ids = Identity(app)
+            user = await ids.check_password("dana", "a long enough secret")
+            with pytest.raises(errors.Unauthenticated):
+                await ids.check_password("dana", "a long enough secreT")
+            return user.id, "ok"
+
+    assert asyncio.run(check()) == ("dana", "ok")
+    piped = _passwd(people, "dana", stdin="another good secret\n")  # stdin is not a terminal
+    assert piped.returncode == 0, piped.stderr
+    _assert_clean_error(_passwd(people, "dana", "--password-stdin", stdin="short\n"), "8 to")
+    _assert_clean_error(_passwd(people, "dana", "--password-stdin", stdin=""), "no password")
+    _assert_clean_error(_passwd(people, "nobody", stdin="a long enough secret\n"), "No user")
+    cleared = _passwd(people, "dana", "--clear", stdin="")
+    assert cleared.returncode == 0 and "removed" in cleared.stdout
+    actions = [row[2] for row in _audit(people)]
+    assert actions.count("user.password_set") == 2 and "user.password_cleared" in actions
+
+
 # -- serve ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_serve_hands_the_app_and_the_audit_log_to_the_server(

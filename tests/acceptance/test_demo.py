@@ -5,6 +5,7 @@ resume runs, the audit chain verifies, and Ctrl-C stops it cleanly."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -59,6 +60,18 @@ def test_the_demo_serves_the_api_with_work_flowing_and_stops_cleanly(
     auth = {"Authorization": f"Bearer {token}"}
     assert httpx.get(base + "/runs", timeout=5).status_code == 401
 
+    # the web UI: / leads to it, and the demo approver signs in with the printed password
+    with httpx.Client(base_url=base, timeout=10, follow_redirects=True) as browser:
+        form = browser.get("/")
+        assert form.status_code == 200 and form.url.path == "/ui/login"
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+        assert csrf is not None
+        inbox = browser.post(
+            "/ui/login",
+            data={"user": "dana", "password": "flowdesk-demo", "csrf": csrf.group(1)},
+        )
+        assert inbox.status_code == 200 and inbox.url.path == "/ui/inbox", inbox.text[:500]
+
     def approved_and_finished() -> bool:
         runs = httpx.get(base + "/runs", params={"limit": 200}, headers=auth, timeout=5).json()
         done = [r for r in runs["items"] if r["workflow"] == "orders.fulfil" and r["output"]]
@@ -97,6 +110,8 @@ def test_the_demo_serves_the_api_with_work_flowing_and_stops_cleanly(
     os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C
     assert demo.popen.wait(timeout=30) == 0, demo.describe()
     assert "Traceback" not in demo.stderr(), demo.describe()
+    assert "sign in as dana (the demo approver)" in demo.stdout()
+    assert "omar (the demo operator), password 'flowdesk-demo'" in demo.stdout()
 
     verify = procs.run(
         [*FLOWDESK, "audit", "verify", "--database-url", f"sqlite:///{tmp_path / 'flowdesk.db'}"],

@@ -5,6 +5,9 @@ secret has 256 random bits, so a fast hash is enough (no one can guess it, and a
 database does not reveal it). Each token belongs to one user, whose roles and groups
 decide what the token may do.
 
+A password (for signing in to the web UI) is chosen by a person, so it is stored as an
+argon2id hash (slow and memory-hard by design; `argon2.PasswordHasher`'s parameters).
+
 Roles and what they allow:
 
 ============  ==========================================================
@@ -17,15 +20,20 @@ Roles and what they allow:
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import argon2
 
 from flowdesk import errors
 from flowdesk.engine.app import App
-from flowdesk.store import base
+from flowdesk.store import base, sql_ui
 from flowdesk.store.people import ROLES, TokenRecord, UserRecord
 
 PERMISSIONS: dict[str, frozenset[str]] = {
@@ -38,8 +46,21 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "users:admin": frozenset({"admin"}),
 }
 
+T = TypeVar("T")
 _USER_ID = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
 TOKEN_PREFIX = "fdt_"
+MIN_PASSWORD = 8
+MAX_PASSWORD = 1024
+
+_hasher = argon2.PasswordHasher()
+_DUMMY_HASH = _hasher.hash("flowdesk: no such user")
+# Hashing has threads of its own: a sign-in never queues behind slow work (OCR, say) that
+# others sent to the event loop's default executor.
+_hashing = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="flowdesk-passwords")
+
+
+async def _in_hashing_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_hashing, fn, *args)
 
 
 def allowed(user: UserRecord, permission: str) -> bool:
@@ -165,3 +186,44 @@ class Identity:
         if user.disabled:
             raise errors.Unauthenticated(f"User {user.id} is disabled.")
         return user
+
+    # -- passwords (web UI sign-in) ------------------------------------------------------
+    async def set_password(self, user_id: str, password: str | None) -> None:
+        """Set ``user_id``'s password (None removes it: the user can no longer sign in
+        with one). Their open web sessions end."""
+        hashed = None
+        if password is not None:
+            check_password_rules(password)
+            hashed = await _in_hashing_thread(_hasher.hash, password)
+        await self.get_user(user_id)
+        await self.app.submit(lambda tx: sql_ui.ui_tx(tx).set_password(user_id, hashed))
+
+    async def check_password(self, user_id: str, password: str) -> UserRecord:
+        """The user whose id and password these are; `Unauthenticated` otherwise (the same
+        message, and about the same time, for an unknown user, a wrong password, a user
+        without a password and a disabled one)."""
+        await self.app.open()
+        refused = errors.Unauthenticated("Unknown user or wrong password.")
+        user = await self.app.store.get_user(user_id) if _USER_ID.match(user_id) else None
+        stored = None if user is None else await self.app.store.password_hash(user_id)
+        try:
+            await _in_hashing_thread(_hasher.verify, stored or _DUMMY_HASH, password)
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            raise refused from None
+        if user is None or stored is None or user.disabled:
+            raise refused
+        if _hasher.check_needs_rehash(stored):  # parameters got stronger since
+            await self.set_password(user_id, password)
+        return user
+
+
+def check_password_rules(password: str) -> None:
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise errors.ConfigurationError(
+            f"A password needs {MIN_PASSWORD} to {MAX_PASSWORD} characters "
+            f"(this one has {len(password)})."
+        )
+    if password.strip() != password or "\n" in password:
+        raise errors.ConfigurationError(
+            "A password may not start or end with spaces, nor hold a line break."
+        )

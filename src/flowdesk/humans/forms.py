@@ -28,16 +28,24 @@ def schema_errors(schema: dict[str, Any], data: Any) -> list[dict[str, Any]]:
         schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
     )
     found = []
+    named: set[str] = set()
     for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path))):
         field = _path(err.absolute_path)
         if err.validator == "required" and isinstance(err.validator_value, list):
-            # "x is a required property": name the missing field itself
+            # "x is a required property", one error per missing field: name each one
             missing = [
-                name
+                _path([*err.absolute_path, name])
                 for name in err.validator_value
                 if isinstance(err.instance, dict) and name not in err.instance
             ]
-            field = _path([*err.absolute_path, missing[0]]) if missing else field
+            field = next((m for m in missing if m not in named), field)
+            named.add(field)
+        if err.validator in ("anyOf", "oneOf") and err.context:
+            # ``X | None`` and other unions: the branch whose type matched says what is wrong
+            # ("-3 is less than or equal to the minimum of 0", not "not valid under any")
+            typed = [e for e in err.context if e.validator != "type"]
+            if len(typed) == 1:
+                err = typed[0]
         found.append({"field": field, "message": err.message, "type": str(err.validator)})
     return found
 

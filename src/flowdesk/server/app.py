@@ -14,11 +14,12 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import flowdesk
 from flowdesk import errors, observe
+from flowdesk.documents import archive as archive_mod
 from flowdesk.engine.app import App
 from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity as ident
@@ -26,6 +27,7 @@ from flowdesk.humans import inbox as inbox_mod
 from flowdesk.server import api, hooks, schemas
 from flowdesk.server import assistants as assistant_routes
 from flowdesk.server import metrics as metrics_routes
+from flowdesk.server import ui as web_ui
 
 log = logging.getLogger("flowdesk.server")
 
@@ -137,14 +139,20 @@ def create_app(
     audit: audit_log.AuditLog | None = None,
     worker: bool = False,
     metrics_access: str = "local",
+    documents: archive_mod.Archive | None = None,
+    session_key: str | bytes | None = None,
 ) -> FastAPI:
-    """The REST API of ``app``.
+    """The REST API of ``app``, and the web UI under ``/ui`` (``/`` leads there).
 
     The server opens ``app`` when it starts and closes it when it stops. With ``worker``,
     it also runs a worker in the same process for its whole life, and that worker signs
     audit checkpoints (`AuditLog.install`). ``audit`` defaults to ``AuditLog(app)``.
     It instruments ``app`` (`flowdesk.observe.instrument`) and serves ``GET /metrics``
     to whom ``metrics_access`` lets in (`flowdesk.server.metrics`).
+
+    ``documents`` is the archive the web UI previews tasks' source documents from;
+    ``session_key`` signs its session cookies (default ``$FLOWDESK_SESSION_KEY``, else a
+    random key per process: see `flowdesk.server.ui.auth`).
     """
     audit = audit or audit_log.AuditLog(app)
     access = metrics_routes.check_access(metrics_access)
@@ -178,9 +186,10 @@ def create_app(
         ),
         lifespan=lifespan,
     )
-    api_app.state.flowdesk = api.Services(
+    services = api.Services(
         app=app, identity=ident.Identity(app), inbox=inbox_mod.Inbox(app), audit=audit
     )
+    api_app.state.flowdesk = services
     api_app.add_exception_handler(errors.FlowdeskError, flowdesk_error)
     api_app.add_exception_handler(RequestValidationError, request_invalid)
     api_app.add_exception_handler(StarletteHTTPException, http_error)
@@ -190,6 +199,16 @@ def create_app(
     api_app.include_router(assistant_routes.router)
     api_app.include_router(metrics_routes.router)
     api_app.state.metrics_access = access
+
+    @api_app.get("/", include_in_schema=False)
+    async def home() -> RedirectResponse:
+        return RedirectResponse(web_ui.PREFIX + "/", status_code=307)
+
+    api_app.mount(
+        web_ui.PREFIX,
+        web_ui.create_ui(services, documents=documents, session_key=session_key),
+        name="ui",
+    )
     api_app.add_middleware(observe.logs.RequestContext)
     return api_app
 
@@ -204,13 +223,16 @@ def serve(
     log_level: str = "info",
     metrics_access: str = "local",
     log_config: dict[str, Any] | None = uvicorn.config.LOGGING_CONFIG,
+    documents: archive_mod.Archive | None = None,
 ) -> None:
     """Serve the REST API of ``app`` (with an embedded worker unless ``worker=False``) until
     interrupted (Ctrl-C or SIGTERM: the worker finishes in-flight work, then stops).
     ``log_config=None`` leaves uvicorn's loggers to the root logger's handlers (as
     `flowdesk.observe.logs.configure` set them)."""
     uvicorn.run(
-        create_app(app, audit=audit, worker=worker, metrics_access=metrics_access),
+        create_app(
+            app, audit=audit, worker=worker, metrics_access=metrics_access, documents=documents
+        ),
         host=host,
         port=port,
         log_level=log_level,

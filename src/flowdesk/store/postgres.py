@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from flowdesk import errors
-from flowdesk.store import base, migrations, sql, sql_models, sql_observe, sql_people
+from flowdesk.store import base, migrations, sql, sql_models, sql_observe, sql_people, sql_ui
 
 if TYPE_CHECKING:
     import psycopg
@@ -67,7 +67,7 @@ def _redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-class _Tx(sql_models.ModelsTx, sql_observe.ObserveTx, sql_people.PeopleTx):
+class _Tx(sql_models.ModelsTx, sql_observe.ObserveTx, sql_ui.UiTx, sql_people.PeopleTx):
     dialect = PostgresDialect
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], now: int) -> None:
@@ -111,7 +111,9 @@ class _Tx(sql_models.ModelsTx, sql_observe.ObserveTx, sql_people.PeopleTx):
             await self.c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, queue))
 
 
-class PostgresStore(sql_models.ModelsStore, sql_observe.ObserveStore, sql_people.PeopleStore):
+class PostgresStore(
+    sql_models.ModelsStore, sql_observe.ObserveStore, sql_ui.UiStore, sql_people.PeopleStore
+):
     dialect = PostgresDialect
     parallel_writes = 4  # group commits in flight at once, each on its own connection
 

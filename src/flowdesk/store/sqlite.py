@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from flowdesk import errors
-from flowdesk.store import base, migrations, sql, sql_models, sql_observe, sql_people
+from flowdesk.store import base, migrations, sql, sql_models, sql_observe, sql_people, sql_ui
 
 __all__ = ["SQLiteStore", "parse_url"]
 
@@ -54,7 +54,7 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
     return path, options
 
 
-class _Tx(sql_models.ModelsTx, sql_observe.ObserveTx, sql_people.PeopleTx):
+class _Tx(sql_models.ModelsTx, sql_observe.ObserveTx, sql_ui.UiTx, sql_people.PeopleTx):
     def __init__(self, conn: sqlite3.Connection, now: int) -> None:
         super().__init__(now)
         self.c = conn
@@ -92,7 +92,9 @@ def _check_folder(path: str) -> None:
             )
 
 
-class SQLiteStore(sql_models.ModelsStore, sql_observe.ObserveStore, sql_people.PeopleStore):
+class SQLiteStore(
+    sql_models.ModelsStore, sql_observe.ObserveStore, sql_ui.UiStore, sql_people.PeopleStore
+):
     def __init__(self, url: str, *, busy_seconds: float = 60.0) -> None:
         self.url = url
         path, options = parse_url(url)
