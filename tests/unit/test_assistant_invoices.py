@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import email.message
 import json
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from httpserver import serving
 from reportlab.lib.pdfencrypt import StandardEncryption
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -429,21 +427,8 @@ async def _chat(request: Request) -> JSONResponse:
 @pytest.fixture(scope="module")
 def llm_url() -> Iterator[str]:
     api = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
-    srv = uvicorn.Server(
-        uvicorn.Config(api, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=srv.run, name="llm-service", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the model server did not start"
-        time.sleep(0.02)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+    with serving(api, "llm-service") as url:
+        yield url + "/v1"
 
 
 async def test_unsure_fields_get_a_second_reading_from_a_language_model_route(

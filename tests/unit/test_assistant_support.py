@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import sqlite3
-import threading
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from httpserver import serving
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -68,20 +66,8 @@ async def create_ticket(request: Request) -> JSONResponse:
 @pytest.fixture(scope="module")
 def ticket_service() -> Iterator[str]:
     api = Starlette(routes=[Route("/tickets", create_ticket, methods=["POST"])])
-    srv = uvicorn.Server(
-        uvicorn.Config(api, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=srv.run, name="ticket-service", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the ticket service did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        srv.should_exit = True
-        thread.join(30)
+    with serving(api, "ticket-service") as url:
+        yield url
 
 
 # -- a tiny intent model behind the gateway ------------------------------------------------------

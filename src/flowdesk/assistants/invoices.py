@@ -68,6 +68,7 @@ from flowdesk import errors
 from flowdesk.assistants import installed
 from flowdesk.connectors import sql
 from flowdesk.documents import archive as archive_mod
+from flowdesk.documents.result import FIELD_NAMES
 from flowdesk.engine import tasks
 from flowdesk.engine.app import App, RunHandle
 from flowdesk.engine.context import Context, current_step
@@ -90,19 +91,7 @@ PROCESS = "invoices.process"
 EMAIL = "invoices.email"
 RISK_TASK = "invoice_risk"
 RISK_LABELS = ("low", "medium", "high")
-HEADER_FIELDS = (
-    "vendor_name",
-    "vendor_tax_id",
-    "invoice_number",
-    "invoice_date",
-    "due_date",
-    "currency",
-    "subtotal",
-    "tax",
-    "total",
-    "po_number",
-    "iban",
-)
+HEADER_FIELDS = FIELD_NAMES
 ATTACHMENT_TYPES = frozenset({"application/pdf", "image/png", "image/jpeg", "image/tiff"})
 MAX_FILE_BYTES = 50 * 1024 * 1024
 MAX_REREAD_CHARS = 12_000
