@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from flowdesk import errors
-from flowdesk.store import base, migrations, sql, sql_models, sql_observe, sql_people
+from flowdesk.store import (
+    base,
+    migrations,
+    sql,
+    sql_models,
+    sql_observe,
+    sql_people,
+    sql_privacy,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -67,7 +75,7 @@ def _redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-class _Tx(sql_models.ModelsTx, sql_observe.ObserveTx, sql_people.PeopleTx):
+class _Tx(sql_models.ModelsTx, sql_observe.ObserveTx, sql_people.PeopleTx, sql_privacy.PrivacyTx):
     dialect = PostgresDialect
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], now: int) -> None:
@@ -111,7 +119,12 @@ class _Tx(sql_models.ModelsTx, sql_observe.ObserveTx, sql_people.PeopleTx):
             await self.c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, queue))
 
 
-class PostgresStore(sql_models.ModelsStore, sql_observe.ObserveStore, sql_people.PeopleStore):
+class PostgresStore(
+    sql_models.ModelsStore,
+    sql_observe.ObserveStore,
+    sql_people.PeopleStore,
+    sql_privacy.PrivacyStore,
+):
     dialect = PostgresDialect
     parallel_writes = 4  # group commits in flight at once, each on its own connection
 
@@ -126,6 +139,7 @@ class PostgresStore(sql_models.ModelsStore, sql_observe.ObserveStore, sql_people
     async def open(self) -> None:
         if self._pool is not None:
             return
+        self._load_keys()
         try:
             import psycopg
             import psycopg_pool
@@ -204,6 +218,7 @@ class PostgresStore(sql_models.ModelsStore, sql_observe.ObserveStore, sql_people
         try:
             async with self.pool.connection() as conn, conn.transaction():
                 tx = _Tx(conn, base.now_ms())
+                tx.keys = self.keys
                 yield tx
                 await tx.seal_audit()
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
@@ -256,6 +271,7 @@ class PostgresStore(sql_models.ModelsStore, sql_observe.ObserveStore, sql_people
             try:
                 async with conn.transaction():
                     tx = _Tx(conn, base.now_ms())
+                    tx.keys = self.keys
                     done = []
                     for op in work:
                         tx.actor = "system"
@@ -275,6 +291,7 @@ class PostgresStore(sql_models.ModelsStore, sql_observe.ObserveStore, sql_people
             results: list[Any] = []
             async with conn.transaction():
                 tx = _Tx(conn, base.now_ms())
+                tx.keys = self.keys
                 for op in work:
                     tx.actor = "system"
                     mark = len(tx.events)

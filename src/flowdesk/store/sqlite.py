@@ -27,7 +27,15 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from flowdesk import errors
-from flowdesk.store import base, migrations, sql, sql_models, sql_observe, sql_people
+from flowdesk.store import (
+    base,
+    migrations,
+    sql,
+    sql_models,
+    sql_observe,
+    sql_people,
+    sql_privacy,
+)
 
 __all__ = ["SQLiteStore", "parse_url"]
 
@@ -54,7 +62,7 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
     return path, options
 
 
-class _Tx(sql_models.ModelsTx, sql_observe.ObserveTx, sql_people.PeopleTx):
+class _Tx(sql_models.ModelsTx, sql_observe.ObserveTx, sql_people.PeopleTx, sql_privacy.PrivacyTx):
     def __init__(self, conn: sqlite3.Connection, now: int) -> None:
         super().__init__(now)
         self.c = conn
@@ -92,7 +100,12 @@ def _check_folder(path: str) -> None:
             )
 
 
-class SQLiteStore(sql_models.ModelsStore, sql_observe.ObserveStore, sql_people.PeopleStore):
+class SQLiteStore(
+    sql_models.ModelsStore,
+    sql_observe.ObserveStore,
+    sql_people.PeopleStore,
+    sql_privacy.PrivacyStore,
+):
     def __init__(self, url: str, *, busy_seconds: float = 60.0) -> None:
         self.url = url
         path, options = parse_url(url)
@@ -116,6 +129,7 @@ class SQLiteStore(sql_models.ModelsStore, sql_observe.ObserveStore, sql_people.P
         if self._conn is not None:
             return
         _check_folder(self.path)
+        self._load_keys()
         try:
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=0
@@ -177,6 +191,7 @@ class SQLiteStore(sql_models.ModelsStore, sql_observe.ObserveStore, sql_people.P
             await self._retry(lambda: conn.execute("BEGIN IMMEDIATE"))
             try:
                 tx = _Tx(conn, base.now_ms())
+                tx.keys = self.keys
                 yield tx
                 _drive(tx.seal_audit())
                 conn.execute("COMMIT")
@@ -220,6 +235,7 @@ class SQLiteStore(sql_models.ModelsStore, sql_observe.ObserveStore, sql_people.P
         """Apply operations inside the open transaction, then commit. SQLite operations
         never suspend, so each coroutine is driven to its end in place."""
         tx = _Tx(conn, base.now_ms())
+        tx.keys = self.keys
         results: list[Any] = []
         single = len(work) == 1
         try:
