@@ -24,6 +24,7 @@ import inspect
 import os
 import secrets
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -45,6 +46,12 @@ POSTGRES_URL = os.environ.get(
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Payload master keys: one key file for the session (a SQLite database would otherwise
+    # get its own beside it, and PostgreSQL the user's ~/.config/flowdesk/master.key).
+    os.environ.setdefault(
+        "FLOWDESK_MASTER_KEY_FILE",
+        os.path.join(tempfile.mkdtemp(prefix="flowdesk-keys-"), "master.key"),
+    )
     config.addinivalue_line(
         "markers", "sqlite_only: the test is about SQLite itself; it does not run on PostgreSQL"
     )

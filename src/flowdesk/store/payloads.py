@@ -209,6 +209,21 @@ class Keyring:
         self._unwrapped: OrderedDict[tuple[str, str], DataKey] = OrderedDict()
         self.index: DataKey | None = None
 
+    def reload(self, masters: MasterKeys) -> None:
+        self.masters = masters
+
+    def master(self, key_id: str) -> bytes:
+        """Master key ``key_id``; the key file is read again once when it is not loaded
+        (another process may have rotated)."""
+        try:
+            return self.masters.get(key_id)
+        except errors.MasterKeyMissing:
+            source = self.masters.source
+            if source.startswith("$") or not Path(source).exists():
+                raise
+            self.masters = MasterKeys(tuple(read_key_file(Path(source))), source)
+            return self.masters.get(key_id)
+
     # -- the run-key cache ---------------------------------------------------------------
     def cached(self, run_id: str) -> DataKey | None:
         return self._runs.get(run_id)
@@ -266,7 +281,7 @@ class Keyring:
         if wrapped_by.startswith(SUBJECTS):
             kek = self._kek(subjects)
         else:
-            kek = self.masters.get(wrapped_by)
+            kek = self.master(wrapped_by)
         blob = _unb64(wrapped)
         try:
             raw = AESGCM(kek).decrypt(

@@ -161,7 +161,7 @@ class PrivacyTx(sql.SqlTx):
         current = ring.masters.current_id
         rows = await self._all(
             "SELECT id, kind, owner, wrapped_by, wrapped FROM data_keys WHERE wrapped IS NOT"
-            " NULL AND wrapped_by <> ? AND wrapped_by NOT LIKE 'subjects:%' ORDER BY id"
+            " NULL AND wrapped_by <> ? AND substr(wrapped_by, 1, 9) <> 'subjects:' ORDER BY id"
             " LIMIT ?{update}",
             (current, limit),
         )
@@ -197,7 +197,8 @@ class PrivacyStore(sql.SqlStore):
     async def key_usage(self) -> dict[str, int]:
         """Live data keys counted by what wraps them (a master key id, or subjects)."""
         rows = await self._read(
-            "SELECT CASE WHEN wrapped_by LIKE 'subjects:%' THEN 'subjects' ELSE wrapped_by END,"
+            "SELECT CASE WHEN substr(wrapped_by, 1, 9) = 'subjects:' THEN 'subjects'"
+            " ELSE wrapped_by END,"
             " COUNT(*) FROM data_keys WHERE wrapped IS NOT NULL GROUP BY 1 ORDER BY 1"
         )
         return {r[0]: int(r[1]) for r in rows}
