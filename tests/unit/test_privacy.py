@@ -9,6 +9,7 @@ payload erased, the waiting run cancelled with a clear reason, and the audit ver
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -404,3 +405,73 @@ def test_the_master_key_file_is_created_once_with_mode_0600(tmp_path, monkeypatc
     with pytest.raises(errors.ConfigurationError, match="32 bytes"):
         payloads.load_master_keys(url)
     assert os.environ.get("FLOWDESK_MASTER_KEY_FILE") is None
+
+
+async def test_api_masks_payloads_without_payload_read_and_audits_every_reveal(
+    app, tmp_path, wait_status, wait_until
+):
+    planted = _secrets()
+    _register(app)
+    api_app = server.create_app(app, audit=AuditLog(app, tmp_path / "audit.key"))
+    transport = httpx.ASGITransport(app=api_app)
+    async with (
+        app,
+        httpx.AsyncClient(transport=transport, base_url="http://flowdesk.test") as client,
+        app.worker(),
+    ):
+        ids = Identity(app)
+        tokens = {}
+        for uid, roles in (("ada", ["admin"]), ("otto", ["operator"]), ("vic", ["viewer"])):
+            await ids.create_user(uid, roles=roles)
+            tokens[uid] = {"Authorization": f"Bearer {(await ids.create_token(uid))[1]}"}
+        await ids.create_user("bob", roles=["approver"])
+        h = await _drive(app, planted, wait_status, wait_until, subjects=["customer:9"])
+        await h.result(timeout=15)
+        log = AuditLog(app, tmp_path / "audit.key")
+        reads_before = [r async for r in log.rows() if r["action"] == "payload.read"]
+
+        for who in ("otto", "vic"):
+            run = (await client.get(f"/runs/{h.id}", headers=tokens[who])).json()
+            assert run["status"] == "succeeded" and run["workflow"] == "kyc"
+            assert run["input"] == {"$masked": "needs the payload:read permission"}
+            steps = (await client.get(f"/runs/{h.id}/steps", headers=tokens[who])).json()
+            assert [s["name"] for s in steps][:2] == ["lookup", "signal:confirmed"]
+            assert all(
+                s["output"] in (None, {"$masked": "needs the payload:read permission"})
+                for s in steps
+            )
+            listed = (await client.get("/runs", headers=tokens[who])).json()["items"]
+            assert all("$masked" in r["input"] for r in listed)
+            text = json.dumps([run, steps, listed])
+            assert planted["email"] not in text and planted["iban"] not in text
+            denied = await client.get("/subjects/customer:9/export", headers=tokens[who])
+            assert denied.status_code == 403
+        assert [r async for r in log.rows() if r["action"] == "payload.read"] == reads_before
+
+        run = (await client.get(f"/runs/{h.id}", headers=tokens["ada"])).json()
+        assert run["input"]["email"] == planted["email"]
+        steps = (await client.get(f"/runs/{h.id}/steps", headers=tokens["ada"])).json()
+        assert steps[0]["output"]["iban"] == planted["iban"]
+        export = (await client.get("/subjects/customer:9/export", headers=tokens["ada"])).json()
+        assert export["runs"][0]["tasks"][0]["result"]["note"].endswith(planted["iban"])
+        reads = [r async for r in log.rows() if r["action"] == "payload.read"][len(reads_before) :]
+        assert [(r["actor"], r["subject"], r["data"]["what"]) for r in reads] == [
+            ("ada", "run:" + h.id, "run"),
+            ("ada", "run:" + h.id, "steps"),
+            ("ada", "subject:customer:9", "export"),
+        ]
+
+        # Erasure: admin only; afterwards even the admin sees the payloads as erased.
+        refused = await client.post("/subjects/customer:9/erase", headers=tokens["otto"])
+        assert refused.status_code == 403
+        erased = await client.post(
+            "/subjects/customer:9/erase", headers=tokens["ada"], json={"reason": "ticket 5"}
+        )
+        assert erased.status_code == 200, erased.text
+        assert erased.json()["runs"] == [h.id]
+        run = (await client.get(f"/runs/{h.id}", headers=tokens["ada"])).json()
+        assert run["status"] == "succeeded" and "$erased" in run["input"]
+        assert (
+            "$erased" in (await client.get(f"/runs/{h.id}", headers=tokens["vic"])).json()["input"]
+        )
+        assert (await client.get("/audit/verify", headers=tokens["ada"])).json()["ok"] is True

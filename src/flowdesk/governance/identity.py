@@ -36,6 +36,10 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "audit:read": frozenset({"admin", "operator"}),
     "audit:write": frozenset({"admin"}),
     "users:admin": frozenset({"admin"}),
+    # decrypted payloads (inputs, results, signals, forms) of runs; others see them masked
+    "payload:read": frozenset({"admin"}),
+    # erase a data subject (destroys its data key)
+    "privacy:erase": frozenset({"admin"}),
 }
 
 _USER_ID = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
