@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ from pydantic import BaseModel
 
 import flowdesk
 from flowdesk import RunStatus, errors
+from flowdesk.engine import schedules
 from flowdesk.engine.tasks import Assignees
 from flowdesk.governance import audit as audit_log
-from flowdesk.governance import privacy
+from flowdesk.governance import privacy, retention
 from flowdesk.governance.audit import AuditLog
 from flowdesk.governance.identity import Identity
 from flowdesk.humans.inbox import Inbox
@@ -366,10 +368,11 @@ async def test_retention_policy_destroys_payload_keys_of_old_finished_runs(app, 
     async def short_lived(ctx: flowdesk.Context, n: int) -> int:
         return n * 2
 
-    async with app, app.worker():
-        old = await app.start("short_lived", {"n": 1})
-        new = await app.start("short_lived", {"n": 2})
-        assert await old.result(timeout=15) == 2 and await new.result(timeout=15) == 4
+    async with app:
+        async with app.worker():
+            old = await app.start("short_lived", {"n": 1})
+            new = await app.start("short_lived", {"n": 2})
+            assert await old.result(timeout=15) == 2 and await new.result(timeout=15) == 4
         execute(
             "UPDATE runs SET finished_at = finished_at - ? WHERE id = ?", (40 * 86_400_000, old.id)
         )
@@ -385,6 +388,37 @@ async def test_retention_policy_destroys_payload_keys_of_old_finished_runs(app, 
         assert rows[-1]["action"] == "retention.keys_destroyed"
         assert rows[-1]["data"]["runs"] == [old.id]
         assert (await audit_log.AuditLog(app, tmp_path / "a.key").verify()).ok
+
+
+async def test_the_durable_expiry_job_destroys_keys_on_its_schedule(
+    app, execute, query, wait_until
+):
+    @app.workflow("brief")
+    async def brief(ctx: flowdesk.Context, n: int) -> int:
+        return n
+
+    retention.install_policies(app, cron="*/5 * * * *")
+    retention.install_policies(app)  # once is enough: the second call changes nothing
+    async with app:
+        h = await app.start("brief", {"n": 5})
+        async with app.worker():
+            assert await h.result(timeout=15) == 5
+        execute("UPDATE runs SET finished_at = finished_at - ? WHERE id = ?", (3_600_000, h.id))
+        await retention.set_policy(app, "brief", timedelta(minutes=30))
+        # The job's schedule is stored (as a worker does when it starts) and its next tick
+        # made due now, while no transaction runs; a worker then runs it once.
+        await schedules.sync(app)
+        execute("UPDATE schedules SET next_tick = 0 WHERE name = ?", (retention.EXPIRE_WORKFLOW,))
+        async with app.worker():
+
+            async def ticked() -> bool:
+                runs = (await app.list_runs(workflow=retention.EXPIRE_WORKFLOW)).items
+                return bool(runs) and runs[0].status is RunStatus.SUCCEEDED
+
+            await wait_until(ticked, what="the expiry job ran")
+        assert privacy.is_erased((await app.get_run(h.id)).output)
+        job = query("SELECT id FROM runs WHERE workflow = ?", (retention.EXPIRE_WORKFLOW,))[0][0]
+        assert (await app.get_run(job)).output == 1
 
 
 def test_the_master_key_file_is_created_once_with_mode_0600(tmp_path, monkeypatch):
