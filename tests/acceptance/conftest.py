@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import pytest
 
-from . import crashapp
+from . import crashapp, sealed
 
 HERE = Path(__file__).resolve().parent
 FLOWDESK = (sys.executable, "-m", "flowdesk")
@@ -190,9 +190,11 @@ class Flow:
         self.db = root / "t.db"
         self.side_db = root / "side.db"
         self.url = f"sqlite:///{self.db}"
+        self.key_file = root / "master.key"  # payloads are sealed at rest under its keys
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWDESK_")}
         env.update(
             FLOWDESK_DATABASE_URL=self.url,
+            FLOWDESK_MASTER_KEY_FILE=str(self.key_file),
             FLOWDESK_TEST_SIDE_DB=str(self.side_db),
             FLOWDESK_LOG_LEVEL="INFO",
             PYTHONPATH=os.pathsep.join(
@@ -309,6 +311,11 @@ class Flow:
             return list(conn.execute(sql, tuple(params)).fetchall())
         finally:
             conn.close()
+
+    def payload(self, run_id: str, seq: int, kind: str, stored: str | None) -> Any:
+        """A payload read raw with `rows` (sealed at rest), opened: ``kind`` is
+        ``input``, ``output``, ``error``, ``step.output``, ``step.error``..."""
+        return sealed.opener(self.url, self.rows, self.key_file)(run_id, seq, kind, stored)
 
     def side(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         conn = crashapp.connect_side(str(self.side_db))

@@ -27,6 +27,7 @@ names exactly the key that opens it.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -72,11 +73,14 @@ def master_key_id(raw: bytes) -> str:
 
 
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except binascii.Error as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def _parse_key(text: str, where: str) -> bytes:
@@ -179,8 +183,8 @@ def load_master_keys(database_url: str) -> MasterKeys | None:
                 f"flowdesk: created master key file {path} (mode 0600). Back it up: without "
                 "it no stored payload can be read."
             )
-            log.warning("%s", message)
-            print(message, file=sys.stderr)  # noqa: T201 - the operator must see it once
+            log.info("%s", message)  # logged for the record ...
+            print(message, file=sys.stderr)  # noqa: T201 - ... and shown: it must be seen once
     return MasterKeys(tuple(read_key_file(path)), str(path))
 
 
@@ -195,8 +199,8 @@ class DataKey:
         self.aead = AESGCM(raw)
 
 
-def _ad(*parts: object) -> bytes:
-    return "\x1f".join(str(p) for p in parts).encode("utf-8")
+def _ad(a: str, b: object, c: str, d: str = "") -> bytes:
+    return f"{a}\x1f{b}\x1f{c}\x1f{d}".encode()
 
 
 class Keyring:
@@ -207,7 +211,16 @@ class Keyring:
         self.masters = masters
         self._runs: OrderedDict[str, DataKey] = OrderedDict()
         self._unwrapped: OrderedDict[tuple[str, str], DataKey] = OrderedDict()
+        self._aeads: dict[bytes, AESGCM] = {}
         self.index: DataKey | None = None
+
+    def _aead(self, kek: bytes) -> AESGCM:
+        aead = self._aeads.get(kek)
+        if aead is None:
+            if len(self._aeads) > 64:
+                self._aeads.clear()
+            aead = self._aeads[kek] = AESGCM(kek)
+        return aead
 
     def reload(self, masters: MasterKeys) -> None:
         self.masters = masters
@@ -263,8 +276,10 @@ class Keyring:
             by = self.masters.current_id
             kek = self.masters.raw[0]
         nonce = secrets.token_bytes(_NONCE)
-        sealed = AESGCM(kek).encrypt(nonce, key.raw, _ad(kind, owner, key.id, by))
-        return by, _b64(nonce + sealed)
+        sealed = self._aead(kek).encrypt(nonce, key.raw, _ad(kind, owner, key.id + "\x1f" + by))
+        wrapped = _b64(nonce + sealed)
+        self._keep((key.id, wrapped), key)
+        return by, wrapped
 
     def unwrap(
         self,
@@ -284,23 +299,26 @@ class Keyring:
             kek = self.master(wrapped_by)
         blob = _unb64(wrapped)
         try:
-            raw = AESGCM(kek).decrypt(
-                blob[:_NONCE], blob[_NONCE:], _ad(kind, owner, key_id, wrapped_by)
+            raw = self._aead(kek).decrypt(
+                blob[:_NONCE], blob[_NONCE:], _ad(kind, owner, key_id + "\x1f" + wrapped_by)
             )
         except InvalidTag:
             raise errors.PayloadTampered(key_id, f"key of {kind} {owner!r}") from None
         key = DataKey(key_id, raw)
-        self._unwrapped[(key_id, wrapped)] = key
+        self._keep((key_id, wrapped), key)
+        return key
+
+    def _keep(self, where: tuple[str, str], key: DataKey) -> None:
+        self._unwrapped[where] = key
         if len(self._unwrapped) > _CACHE:
             self._unwrapped.popitem(last=False)
-        return key
 
     # -- payloads ----------------------------------------------------------------------
     @staticmethod
     def seal(key: DataKey, run_id: str, seq: int, kind: str, text: str) -> str:
-        nonce = secrets.token_bytes(_NONCE)
-        body = key.aead.encrypt(nonce, text.encode("utf-8"), _ad(run_id, seq, kind))
-        return PREFIX + key.id + "$" + _b64(nonce + body)
+        nonce = os.urandom(_NONCE)
+        body = key.aead.encrypt(nonce, text.encode(), f"{run_id}\x1f{seq}\x1f{kind}\x1f".encode())
+        return f"{PREFIX}{key.id}${binascii.b2a_base64(nonce + body, newline=False).decode()}"
 
     @staticmethod
     def key_id_of(stored: str) -> str | None:

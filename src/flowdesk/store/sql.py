@@ -11,7 +11,6 @@ the dialect's text once per statement.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import json
 from abc import abstractmethod
@@ -246,18 +245,25 @@ class SqlTx(base.Tx):
         if key is None:
             return rows
         seal = payloads.Keyring.seal
-        return [
-            dataclasses.replace(
-                r,
-                output=None
-                if r.output is None
-                else seal(key, run_id, r.seq, "step.output", r.output),
-                error=None if r.error is None else seal(key, run_id, r.seq, "step.error", r.error),
+        out: list[StepRow] = []
+        for r in rows:  # built directly: dataclasses.replace costs more than the sealing
+            if r.output is None and r.error is None:
+                out.append(r)
+                continue
+            out.append(
+                StepRow(
+                    r.seq,
+                    r.name,
+                    r.kind,
+                    r.status,
+                    None if r.output is None else seal(key, run_id, r.seq, "step.output", r.output),
+                    None if r.error is None else seal(key, run_id, r.seq, "step.error", r.error),
+                    r.attempts,
+                    r.started_at,
+                    r.finished_at,
+                )
             )
-            if r.output is not None or r.error is not None
-            else r
-            for r in rows
-        ]
+        return out
 
     def audit(self, action: str, subject: str, data: Any, actor: str | None = None) -> None:
         """Append an audit record when this transaction commits (`seal_audit`)."""
