@@ -509,3 +509,43 @@ async def test_api_masks_payloads_without_payload_read_and_audits_every_reveal(
             "$erased" in (await client.get(f"/runs/{h.id}", headers=tokens["vic"])).json()["input"]
         )
         assert (await client.get("/audit/verify", headers=tokens["ada"])).json()["ok"] is True
+
+
+async def test_payloads_stored_in_the_clear_are_erased_and_sealed_from_then_on(
+    make_app, monkeypatch, query, wait_status
+):
+    """A run from before encryption (or with it off): erasure overwrites its plaintext
+    payloads; a run that continues after encryption is switched on gets a key."""
+
+    def build() -> flowdesk.App:
+        app = make_app()
+
+        @app.workflow("legacy")
+        async def legacy(ctx: flowdesk.Context, email: str) -> str:
+            return email + " " + str(await ctx.wait_signal("go"))
+
+        return app
+
+    monkeypatch.setenv("FLOWDESK_PAYLOAD_ENCRYPTION", "off")
+    plain = build()
+    async with plain, plain.worker():
+        done = await plain.start("legacy", {"email": "old@example.org"}, subjects=["p:1"])
+        later = await plain.start("legacy", {"email": "new@example.org"})
+        await plain.signal(done.id, "go", "now")
+        assert await done.result(timeout=15) == "old@example.org now"
+        await wait_status(plain, later.id, RunStatus.WAITING)
+    ((raw,),) = query("SELECT input FROM runs WHERE id = ?", (done.id,))
+    assert "old@example.org" in raw  # stored in the clear
+
+    monkeypatch.setenv("FLOWDESK_PAYLOAD_ENCRYPTION", "on")
+    sealed = build()
+    async with sealed, sealed.worker():
+        await sealed.signal(later.id, "go", "secret-signal")
+        assert await later.result(timeout=15) == "new@example.org secret-signal"
+        erased = await privacy.erase(sealed, "p:1")
+        assert erased["runs"] == [done.id]
+        assert privacy.is_erased((await sealed.get_run(done.id)).output)
+    dump = repr(query("SELECT * FROM runs")) + repr(query("SELECT * FROM steps"))
+    dump += repr(query("SELECT * FROM signals"))
+    assert "old@example.org" not in dump  # overwritten by the erasure
+    assert "secret-signal" not in dump  # sealed once encryption was on

@@ -519,13 +519,12 @@ class SqlTx(base.Tx):
             row = await self._one("SELECT initiator FROM runs WHERE id = ?", (run.parent_id,))
             if initiator is None:
                 initiator = None if row is None else row[0]
-            if self.keys is not None:
-                subjects += [
-                    r[0]
-                    for r in await self._all(
-                        "SELECT subject FROM run_subjects WHERE run_id = ?", (run.parent_id,)
-                    )
-                ]
+            subjects += [
+                r[0]
+                for r in await self._all(
+                    "SELECT subject FROM run_subjects WHERE run_id = ?", (run.parent_id,)
+                )
+            ]
         subjects = sorted(set(subjects))
         key: payloads.DataKey | None = None
         stored_input = run.input
@@ -562,7 +561,7 @@ class SqlTx(base.Tx):
             if existing is None:
                 raise errors.StoreError(f"Could not create run {run.id}: it conflicts.")
             return existing, False
-        if key is not None:  # the run's key commits with the run
+        if key is not None or subjects:  # the run's key commits with the run
             await self._store_run_key(run.id, key, subjects)
         self.audit(
             "run.started",
@@ -580,17 +579,18 @@ class SqlTx(base.Tx):
         return run.id, True
 
     async def _store_run_key(
-        self, run_id: str, key: payloads.DataKey, subjects: Sequence[str]
+        self, run_id: str, key: payloads.DataKey | None, subjects: Sequence[str]
     ) -> None:
-        """Write a run's data key (wrapped by its subjects' keys, if it has subjects, else
-        by the master key) and its subjects."""
-        assert self.keys is not None
-        subject_keys = [await self._subject_key(s) for s in subjects]
+        """Write a run's subjects and its data key (wrapped by its subjects' keys, if it
+        has subjects, else by the master key; None: encryption is off)."""
         if subjects:
             await self._many(
                 "INSERT INTO run_subjects (run_id, subject) VALUES (?,?) ON CONFLICT DO NOTHING",
                 [(run_id, s) for s in subjects],
             )
+        if key is None or self.keys is None:
+            return
+        subject_keys = [await self._subject_key(s) for s in subjects]
         await self._insert_key(key, "run", run_id, subject_keys)
         self.keys.remember(run_id, key)
 
@@ -616,7 +616,21 @@ class SqlTx(base.Tx):
         store's index key), never a plain hash that a guess could confirm."""
         if run.input_hash is None or self.keys is None:
             return run.input_hash
+        await self._load_index()
+        return self.keys.keyed_hash(run.input)
+
+    async def keyed_digest(self, digest: str | None) -> str | None:
+        """A digest of plaintext made fit for the audit: keyed (HMAC-SHA256 under the
+        index key), so a guess of low-entropy personal data cannot be confirmed by it."""
+        if digest is None or self.keys is None:
+            return digest
+        await self._load_index()
+        return "hmac:" + self.keys.keyed_hash(digest)
+
+    async def _load_index(self) -> None:
+        """Load (or create) the store's index key into the keyring."""
         ring = self.keys
+        assert ring is not None
         if ring.index is None:
             for _ in range(3):
                 row = await self._one(
@@ -630,7 +644,6 @@ class SqlTx(base.Tx):
                 if await self._insert_key(key, "index", ""):
                     ring.index = key
                     break
-        return ring.keyed_hash(run.input)
 
     async def _by_key(self, run: NewRun) -> str | None:
         row = await self._one(
@@ -884,6 +897,11 @@ class SqlTx(base.Tx):
                 self.now,
             ),
         )
+        subjects = [
+            r[0]
+            for r in await self._all("SELECT subject FROM run_subjects WHERE run_id = ?", (run_id,))
+        ]
+        await self._store_run_key(new_id, key, subjects)
         if key is None:
             await self._run(
                 f"INSERT INTO steps ({_STEP_COLUMNS}) SELECT ?, seq, name, kind, status, output,"
@@ -891,13 +909,6 @@ class SqlTx(base.Tx):
                 (new_id, run_id, from_seq),
             )
         else:
-            subjects = [
-                r[0]
-                for r in await self._all(
-                    "SELECT subject FROM run_subjects WHERE run_id = ?", (run_id,)
-                )
-            ]
-            await self._store_run_key(new_id, key, subjects)
             found = await sql_payloads.load(self.keys, self._all, self._list, [run_id])
             copied = [
                 StepRow(

@@ -16,6 +16,17 @@ from typing import Any
 from flowdesk import errors
 from flowdesk.store import base, payloads, sql
 
+_PAYLOAD_COLUMNS = (
+    ("runs", "input", "id"),
+    ("runs", "output", "id"),
+    ("runs", "error", "id"),
+    ("steps", "output", "run_id"),
+    ("steps", "error", "run_id"),
+    ("signals", "payload", "run_id"),
+    ("tasks", "context", "run_id"),
+    ("tasks", "draft", "run_id"),
+    ("tasks", "result", "run_id"),
+)
 _SUBJECT = re.compile(r"^[^\s\x00-\x1f]{1,200}$")
 
 
@@ -77,6 +88,7 @@ class PrivacyTx(sql.SqlTx):
         ]
         cancelled: list[str] = []
         if run_ids:
+            await self._clear_plain(run_ids, why)
             for (run_id,) in await self._all(
                 "SELECT id FROM runs WHERE id" + sql.IN_LIST + " AND status IN "
                 "('queued', 'running', 'waiting') ORDER BY id{update}",
@@ -93,6 +105,17 @@ class PrivacyTx(sql.SqlTx):
             {"reason": reason, "runs": run_ids, "cancelled": cancelled, "keys": keys},
         )
         return {"subject": subject, "runs": run_ids, "cancelled": cancelled, "keys": keys}
+
+    async def _clear_plain(self, run_ids: Sequence[str], why: str) -> None:
+        """Payloads stored unsealed (written before encryption was on, or with it off) have
+        no key to destroy: they are overwritten with the erased marker instead."""
+        marker, ids = payloads.erased_text(why), self._list(run_ids)
+        for table, column, run_column in _PAYLOAD_COLUMNS:
+            await self._run(
+                f"UPDATE {table} SET {column} = ? WHERE {run_column}" + sql.IN_LIST + f" AND"
+                f" {column} IS NOT NULL AND substr({column}, 1, 5) <> '{payloads.PREFIX}'",
+                (marker, ids),
+            )
 
     async def _destroy_runs(self, run_ids: Sequence[str], why: str) -> list[str]:
         if not run_ids:
@@ -141,6 +164,7 @@ class PrivacyTx(sql.SqlTx):
         run_ids = [r[0] for r in rows]
         if not run_ids:
             return []
+        await self._clear_plain(run_ids, "retention period over")
         keys = await self._destroy_runs(run_ids, "retention period over")
         self.audit(
             "retention.keys_destroyed",
