@@ -335,7 +335,8 @@ async def cancel_run(
     """Cancel the run and its children (a running one stops at its next step)."""
     reason = body.reason if body is not None and body.reason else f"cancelled by {user.id}"
     await svc.app.cancel(run_id, reason)
-    return s.RunOut.of(await svc.app.get_run(run_id), masked=True)
+    run = await svc.app.get_run(run_id)
+    return s.RunOut.of(run, masked=not await _revealed(svc, user, [run_id], "run"))
 
 
 @router.post(
@@ -347,7 +348,8 @@ async def cancel_run(
 async def retry_run(run_id: RunId, svc: Svc, user: RunsWrite) -> s.RunOut:
     """Resume a failed run from its failed step."""
     await svc.app.retry(run_id)
-    return s.RunOut.of(await svc.app.get_run(run_id), masked=True)
+    run = await svc.app.get_run(run_id)
+    return s.RunOut.of(run, masked=not await _revealed(svc, user, [run_id], "run"))
 
 
 # -- tasks -----------------------------------------------------------------------------------

@@ -239,9 +239,10 @@ class SqlTx(base.Tx):
         return found.text(run_id, seq, kind, stored)
 
     async def _seal_rows(self, run_id: str, rows: Sequence[StepRow]) -> Sequence[StepRow]:
-        if self.keys is None or not rows:
+        ring = self.keys
+        if ring is None or not rows:
             return rows
-        key = await self._key(run_id)
+        key = ring.cached(run_id) or await self._key(run_id)  # the cache: no coroutine
         if key is None:
             return rows
         seal = payloads.Keyring.seal
