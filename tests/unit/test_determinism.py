@@ -340,7 +340,9 @@ async def test_replaying_a_deterministic_workflow_many_times_is_stable(app, wait
     assert calls == {i: 1 for i in range(8)}
 
 
-async def test_a_workflow_that_now_returns_before_its_recorded_calls_fails(make_app, wait_status):
+async def test_a_workflow_that_now_returns_before_its_recorded_calls_fails(
+    make_app, wait_status
+):
     """New code that stops earlier than the history it replays has changed under the run."""
     old = make_app()
 

@@ -62,21 +62,15 @@ def expected(program: list[str], run_id: str) -> list[Any]:
     values: list[Any] = []
     for i, kind in enumerate(program):
         values.append(
-            {
-                "async": i * 10,
-                "sync": i * 10 + 1,
-                "signal": {"i": i},
-                "now": True,
-                "child": i * 10 + 1,
-            }[kind]
+            {"async": i * 10, "sync": i * 10 + 1, "signal": {"i": i}, "now": True,
+             "child": i * 10 + 1}[kind]
         )
     values.append(str(uuid.UUID(int=random.Random(run_id).getrandbits(128), version=4)))
     return values
 
 
 @settings(
-    max_examples=12,
-    deadline=None,
+    max_examples=12, deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
