@@ -139,7 +139,6 @@ class PostgresStore(
     async def open(self) -> None:
         if self._pool is not None:
             return
-        self._load_keys()
         try:
             import psycopg
             import psycopg_pool
@@ -163,6 +162,7 @@ class PostgresStore(
                 await migrations.migrate_postgres(conn, self.label)
         except psycopg.Error as exc:
             raise errors.StoreError(f"PostgreSQL at {self.label}: {exc}") from exc
+        self._load_keys()
         pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
             self.conninfo,
             min_size=1,

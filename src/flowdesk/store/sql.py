@@ -1048,6 +1048,8 @@ class SqlTx(base.Tx):
         }
         if claimed:
             keys = await sql_payloads.load(self.keys, self._all, self._list, list(claimed))
+            if self.keys is not None:  # the store is the truth: drop keys it does not hold
+                self.keys.forget([r for r in claimed if r not in keys.by_run])
             for run_id, got in keys.by_run.items():
                 if isinstance(got, str):  # erased meanwhile: it never runs on garbage
                     await self._cancel_erased(run_id, got)

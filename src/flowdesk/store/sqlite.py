@@ -129,7 +129,6 @@ class SQLiteStore(
         if self._conn is not None:
             return
         _check_folder(self.path)
-        self._load_keys()
         try:
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=0
@@ -146,6 +145,11 @@ class SQLiteStore(
                 f"{self.path!r} is not a flowdesk database (SQLite says: {exc}). "
                 "Point FLOWDESK_DATABASE_URL at a new file or at a flowdesk database."
             ) from exc
+        except BaseException:
+            conn.close()
+            raise
+        try:  # once the file is known to be flowdesk's: no key file beside anyone else's
+            self._load_keys()
         except BaseException:
             conn.close()
             raise
