@@ -380,7 +380,10 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
 
 
 @pytest.fixture
-def flow(tmp_path: Path, procs: Procs) -> Flow:
+def flow(tmp_path: Path, procs: Procs, monkeypatch: pytest.MonkeyPatch) -> Flow:
     root = tmp_path / "work"
     root.mkdir()
-    return Flow(root, procs)
+    made = Flow(root, procs)
+    # Apps the test opens in its own process use the processes' master key file too.
+    monkeypatch.setenv("FLOWDESK_MASTER_KEY_FILE", str(made.key_file))
+    return made
