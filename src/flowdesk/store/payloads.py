@@ -30,6 +30,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -199,6 +200,29 @@ class DataKey:
         self.aead = AESGCM(raw)
 
 
+_nonces = itertools.count()
+_nonce_prefix = os.urandom(8)
+
+
+def _new_nonces() -> None:
+    global _nonces, _nonce_prefix
+    _nonces, _nonce_prefix = itertools.count(), os.urandom(8)
+
+
+os.register_at_fork(after_in_child=_new_nonces)  # a forked child never repeats its parent's
+
+
+def _nonce() -> bytes:
+    """A 96-bit GCM nonce: 64 random bits drawn once per process, then a 32-bit counter
+    (drawn afresh after 2**32 nonces). Two processes sealing under the same key repeat a
+    nonce only if their random halves collide (2**-64)."""
+    n = next(_nonces)
+    if n > 0xFFFFFFFF:
+        _new_nonces()
+        n = next(_nonces)
+    return _nonce_prefix + n.to_bytes(4, "big")
+
+
 def _ad(a: str, b: object, c: str, d: str = "") -> bytes:
     return f"{a}\x1f{b}\x1f{c}\x1f{d}".encode()
 
@@ -316,7 +340,7 @@ class Keyring:
     # -- payloads ----------------------------------------------------------------------
     @staticmethod
     def seal(key: DataKey, run_id: str, seq: int, kind: str, text: str) -> str:
-        nonce = os.urandom(_NONCE)
+        nonce = _nonce()
         body = key.aead.encrypt(nonce, text.encode(), f"{run_id}\x1f{seq}\x1f{kind}\x1f".encode())
         return f"{PREFIX}{key.id}${binascii.b2a_base64(nonce + body, newline=False).decode()}"
 

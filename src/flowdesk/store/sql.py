@@ -271,22 +271,35 @@ class SqlTx(base.Tx):
         self.events.append(audit.AuditEvent(actor or self.actor, action, subject, data))
 
     def _audit_rows(self, run_id: str, rows: Sequence[StepRow]) -> None:
+        """Audit step rows as stored (their payloads sealed: the digests are of ciphertext)."""
         for r in rows:
-            self.events.append(
-                audit.AuditEvent(
-                    self.actor,
-                    "step.recorded" if r.status != "pending" else "step.waiting",
-                    "run:" + run_id,
-                    {
-                        "seq": r.seq,
-                        "name": r.name,
-                        "kind": r.kind,
-                        "status": r.status,
-                        "output_sha256": audit.digest(r.output),
-                        "error_sha256": audit.digest(r.error),
-                    },
-                )
+            self._audit_step(run_id, r.seq, r.name, r.kind, r.status, r.output, r.error)
+
+    def _audit_step(
+        self,
+        run_id: str,
+        seq: int,
+        name: str,
+        kind: str,
+        status: str,
+        output: str | None,
+        error: str | None,
+    ) -> None:
+        self.events.append(
+            audit.AuditEvent(
+                self.actor,
+                "step.recorded" if status != "pending" else "step.waiting",
+                "run:" + run_id,
+                {
+                    "seq": seq,
+                    "name": name,
+                    "kind": kind,
+                    "status": status,
+                    "output_sha256": audit.digest(output),
+                    "error_sha256": audit.digest(error),
+                },
             )
+        )
 
     async def seal_audit(self) -> None:
         """Chain the audit records of this transaction after the head, under the head's
@@ -668,15 +681,40 @@ class SqlTx(base.Tx):
     ) -> None:
         if len(rows) == 1 and not versions:
             # The hot path (one step result): the fence is folded into the insert, and
-            # checked apart only when the insert was refused.
-            rows = await self._seal_rows(run_id, rows)
+            # checked apart only when the insert was refused. The result is sealed in
+            # place, with the run's key from memory (no row copies, no round trip).
+            r = rows[0]
+            output, error = r.output, r.error
+            ring = self.keys
+            if ring is not None and (output is not None or error is not None):
+                key = ring.cached(run_id) or await self._key(run_id)
+                if key is not None:
+                    seal = payloads.Keyring.seal
+                    if output is not None:
+                        output = seal(key, run_id, r.seq, "step.output", output)
+                    if error is not None:
+                        error = seal(key, run_id, r.seq, "step.error", error)
             changed = await self._run(
-                INSERT_STEP_FENCED, (*_step_params(run_id, rows[0]), run_id, owner)
+                INSERT_STEP_FENCED,
+                (
+                    run_id,
+                    r.seq,
+                    r.name,
+                    r.kind,
+                    r.status,
+                    output,
+                    error,
+                    r.attempts,
+                    r.started_at,
+                    r.finished_at,
+                    run_id,
+                    owner,
+                ),
             )
             if changed != 1:
                 await self._fence(run_id, owner)
                 raise Fenced(run_id)
-            self._audit_rows(run_id, rows)
+            self._audit_step(run_id, r.seq, r.name, r.kind, r.status, output, error)
             return
         await self._fence(run_id, owner)
         await self._write_rows(run_id, rows, versions)
