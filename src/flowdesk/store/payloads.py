@@ -6,7 +6,7 @@ signal payloads, a task's context, draft and form data) is sealed before it is w
 * with AES-256-GCM, under the run's own **data key**;
 * with ``run id \\x1f seq \\x1f payload kind`` as associated data, so a ciphertext copied
   to another row (another run, another step, another column) does not authenticate;
-* as the text ``$fd1$<data key id>$<base64url(nonce || ciphertext || tag)>`` in the same
+* as the text ``$fd1$<data key id>$<base64(nonce || ciphertext || tag)>`` in the same
   column it always had. A value without the prefix is plaintext from before encryption
   (or from a store with encryption off) and is read as it is.
 
