@@ -1,7 +1,8 @@
 """Engine benchmark: durable no-op steps and 3-step workflows on SQLite, beside DBOS.
 
     python benchmarks/engine.py [--steps 2000] [--workflows 500] [--concurrency 20]
-                                [--durability full,normal] [--no-peers]
+                                [--durability full,normal] [--encryption on,off]
+                                [--no-peers]
 
 For each durability (SQLite WAL with synchronous=FULL: a commit survives power loss;
 synchronous=NORMAL: it survives a killed process) it prints:
@@ -13,6 +14,11 @@ synchronous=NORMAL: it survives a killed process) it prints:
 * workflows/s: ``--workflows`` 3-step workflows started at once, all awaited;
 * workflow latency p50/p99: 200 3-step workflows one after another (start + result).
 
+With ``--encryption on,off`` (the default) the flowdesk workload runs twice: with payload
+encryption at rest (the default: every step result sealed with AES-256-GCM) and with it
+switched off (``FLOWDESK_PAYLOAD_ENCRYPTION=off``), and the difference in step overhead is
+printed.
+
 The same workload runs on DBOS Transact (its own virtual environment under ``.bench/``,
 its SQLite system database switched to the same WAL + synchronous setting), in the same
 run, and the ratios are printed.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import statistics
 import sys
@@ -162,6 +169,7 @@ def main() -> None:
     parser.add_argument("--workflows", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--durability", default="full,normal")
+    parser.add_argument("--encryption", default="on,off", help="payload encryption: on, off")
     parser.add_argument("--no-peers", action="store_true", help="skip DBOS")
     parser.add_argument("--json", type=Path, help="also write all figures to this file")
     args = parser.parse_args()
@@ -170,22 +178,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         folder = Path(tmp)
         for sync in args.durability.split(","):
-            ours = asyncio.run(
-                run_flowdesk(
-                    folder / f"flowdesk-{sync}.db",
-                    sync,
-                    args.steps,
-                    args.workflows,
-                    args.concurrency,
+            by_mode: dict[str, dict[str, Any]] = {}
+            for mode in args.encryption.split(","):
+                os.environ["FLOWDESK_PAYLOAD_ENCRYPTION"] = mode
+                by_mode[mode] = asyncio.run(
+                    run_flowdesk(
+                        folder / f"flowdesk-{sync}-{mode}.db",
+                        sync,
+                        args.steps,
+                        args.workflows,
+                        args.concurrency,
+                    )
                 )
-            )
+            os.environ.pop("FLOWDESK_PAYLOAD_ENCRYPTION", None)
+            ours = by_mode.get("on") or next(iter(by_mode.values()))
             floor_ms = ours["commit_floor_ms"]
             print(
                 f"SQLite WAL, synchronous={sync.upper()}: floor = one bare commit of one row "
                 f"{floor_ms:.3f} ms (same file, between the step loops)"
             )
-            show("flowdesk", ours, floor_ms)
             entry: dict[str, Any] = {"commit_ms": floor_ms, "flowdesk": ours}
+            for mode, r in by_mode.items():
+                show("flowdesk" if mode == "on" else "plain", r, r["commit_floor_ms"])
+                entry["flowdesk_encryption_" + mode] = r
+            if "on" in by_mode and "off" in by_mode:
+                on, off = by_mode["on"], by_mode["off"]
+                extra = {
+                    q: on["step_overhead_ms"][q] / off["step_overhead_ms"][q] - 1
+                    for q in ("p50", "p99")
+                }
+                steps_s = 1 - on["sequential_steps_per_s"] / off["sequential_steps_per_s"]
+                print(
+                    f"  encryption at rest adds {extra['p50']:+.1%} to the step p50, "
+                    f"{extra['p99']:+.1%} to the p99, costs {steps_s:+.1%} sequential steps/s"
+                )
+                entry["encryption_overhead"] = {**extra, "sequential_steps": steps_s}
             if not args.no_peers:
                 import _peers
 

@@ -185,6 +185,8 @@ def _step_json(step: StepRecord) -> dict[str, Any]:
 
 
 def _short(value: Any, width: int = 60) -> str:
+    if isinstance(value, dict) and len(value) == 1 and "$erased" in value:
+        return f"[erased: {value['$erased']}]"
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -394,14 +396,18 @@ def runs_show(
         typer.echo(f"input     {_short(run.input, 200)}")
         if run.output is not None:
             typer.echo(f"output    {_short(run.output, 200)}")
-        if run.error is not None:
+        if run.error is not None and "$erased" in run.error:
+            typer.echo(f"error     {_short(run.error)}")
+        elif run.error is not None:
             typer.echo(f"error     {run.error.get('type')}: {run.error.get('message')}")
         typer.echo("")
         typer.echo(f"{'SEQ':>4} {'STEP':28} {'STATUS':8} {'TRIES':>5} {'MS':>9}  RESULT")
         for s in steps:
             ms = "" if s.duration_ms is None else f"{s.duration_ms:.1f}"
             detail = (
-                f"{s.error.get('type')}: {s.error.get('message')}" if s.error else _short(s.output)
+                f"{s.error.get('type')}: {s.error.get('message')}"
+                if s.error and "$erased" not in s.error
+                else _short(s.error or s.output)
             )
             typer.echo(
                 f"{s.seq:>4} {s.name[:28]:28} {s.status:8} {s.attempts:>5} {ms:>9}  {detail}"
@@ -566,6 +572,7 @@ from flowdesk import (  # noqa: E402
     cli_models,  # noqa: F401
     cli_models_usage,  # noqa: F401
     cli_people,  # noqa: F401
+    cli_privacy,  # noqa: F401
     cli_triggers,  # noqa: F401
 )
 

@@ -6,7 +6,10 @@ The tree::
     ├── ConfigurationError          the app or its store is set up wrong
     │   └── SecretUnavailable       a webhook's secret variable or file is not there
     ├── StoreError                  the database refused or is not flowdesk's
-    │   └── SchemaTooNew            the database was written by a newer flowdesk
+    │   ├── SchemaTooNew            the database was written by a newer flowdesk
+    │   └── PayloadError            a stored payload cannot be opened
+    │       ├── MasterKeyMissing    its data key is wrapped by a master key not loaded
+    │       └── PayloadTampered     its ciphertext (or its row) was changed
     ├── NotFound
     │   ├── UnknownWorkflow         no workflow is registered under that name
     │   ├── RunNotFound             no run has that id
@@ -104,6 +107,42 @@ class StoreError(FlowdeskError):
 
 class SchemaTooNew(StoreError):
     """The database schema is newer than this flowdesk knows: upgrade flowdesk."""
+
+
+class PayloadError(StoreError):
+    """A stored payload cannot be opened."""
+
+
+class MasterKeyMissing(PayloadError):
+    """A data key is wrapped by a master key that is not loaded."""
+
+    def __init__(self, key_id: str, where: str = "") -> None:
+        super().__init__(
+            f"Master key {key_id} is needed{where} but is not loaded (or a different key "
+            f"carries that id). Load it with FLOWDESK_MASTER_KEY_FILE or FLOWDESK_MASTER_KEY "
+            "(the key file keeps every key not yet retired); a payload is never opened with "
+            "another key."
+        )
+        self.key_id = key_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key_id,))
+
+
+class PayloadTampered(PayloadError):
+    """A stored ciphertext does not authenticate: it was changed or moved to another row."""
+
+    def __init__(self, key_id: str, where: str) -> None:
+        super().__init__(
+            f"Tampering detected: the payload {where} (data key {key_id}) does not "
+            "authenticate. It was changed, or copied from another row. Restore it from a "
+            "backup; flowdesk will not return it."
+        )
+        self.key_id = key_id
+        self.where = where
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key_id, self.where))
 
 
 class NotFound(FlowdeskError):

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import pytest
 
-from . import crashapp
+from . import crashapp, sealed
 
 HERE = Path(__file__).resolve().parent
 FLOWDESK = (sys.executable, "-m", "flowdesk")
@@ -190,9 +190,11 @@ class Flow:
         self.db = root / "t.db"
         self.side_db = root / "side.db"
         self.url = f"sqlite:///{self.db}"
+        self.key_file = root / "master.key"  # payloads are sealed at rest under its keys
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWDESK_")}
         env.update(
             FLOWDESK_DATABASE_URL=self.url,
+            FLOWDESK_MASTER_KEY_FILE=str(self.key_file),
             FLOWDESK_TEST_SIDE_DB=str(self.side_db),
             FLOWDESK_LOG_LEVEL="INFO",
             PYTHONPATH=os.pathsep.join(
@@ -310,6 +312,11 @@ class Flow:
         finally:
             conn.close()
 
+    def payload(self, run_id: str, seq: int, kind: str, stored: str | None) -> Any:
+        """A payload read raw with `rows` (sealed at rest), opened: ``kind`` is
+        ``input``, ``output``, ``error``, ``step.output``, ``step.error``..."""
+        return sealed.opener(self.url, self.rows, self.key_file)(run_id, seq, kind, stored)
+
     def side(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         conn = crashapp.connect_side(str(self.side_db))
         try:
@@ -373,7 +380,10 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
 
 
 @pytest.fixture
-def flow(tmp_path: Path, procs: Procs) -> Flow:
+def flow(tmp_path: Path, procs: Procs, monkeypatch: pytest.MonkeyPatch) -> Flow:
     root = tmp_path / "work"
     root.mkdir()
-    return Flow(root, procs)
+    made = Flow(root, procs)
+    # Apps the test opens in its own process use the processes' master key file too.
+    monkeypatch.setenv("FLOWDESK_MASTER_KEY_FILE", str(made.key_file))
+    return made

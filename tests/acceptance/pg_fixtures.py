@@ -213,12 +213,17 @@ class PgFlow(Flow):
 
 
 @pytest.fixture
-def pg_flow(tmp_path: Path, procs: Procs) -> Iterator[PgFlow]:
+def pg_flow(
+    tmp_path: Path, procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[PgFlow]:
     root = tmp_path / "work"
     root.mkdir()
     name = create_database()
     try:
-        yield PgFlow(root, procs, name)
+        made = PgFlow(root, procs, name)
+        # Apps the test opens in its own process use the processes' master key file too.
+        monkeypatch.setenv("FLOWDESK_MASTER_KEY_FILE", str(made.key_file))
+        yield made
     finally:
         procs.stop_all()  # every process is gone before its database is
         drop_database(name)

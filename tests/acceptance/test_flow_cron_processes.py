@@ -5,7 +5,6 @@ ticks, a restarted worker starts one run for all of them (``catchup="skip"``).""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import Counter
@@ -32,7 +31,8 @@ def _runs(flow: Flow) -> list[tuple[int, str, int, str]]:
     ):
         prefix, name, tick = str(key).split(":")
         assert (prefix, name) == ("schedule", "tick"), key
-        assert _tick_ms(json.loads(raw)["scheduled_at"]) == int(tick), (key, raw)
+        scheduled_at = flow.payload(str(run_id), 0, "input", raw)["scheduled_at"]
+        assert _tick_ms(scheduled_at) == int(tick), (key, raw)
         out.append((int(tick), str(run_id), int(created), str(status)))
     return sorted(out)
 

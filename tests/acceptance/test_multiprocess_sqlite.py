@@ -87,7 +87,9 @@ def test_four_workers_and_starters_share_one_sqlite_file(flow: Flow) -> None:
     phase1 = time.monotonic() - t0
     assert flow.status_counts() == {"succeeded": len(run_ids)}
     for run_id, output in flow.rows("SELECT id, output FROM runs"):
-        assert json.loads(output) == [f"{run_id}:{i}" for i in range(1, STEPS + 1)]
+        assert flow.payload(run_id, 0, "output", output) == [
+            f"{run_id}:{i}" for i in range(1, STEPS + 1)
+        ]
     _assert_effects_once(flow, run_ids, STEPS)
     pids = ",".join(str(w.pid) for w in workers)
     [(busy_workers,)] = flow.side(

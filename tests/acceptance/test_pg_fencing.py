@@ -6,7 +6,6 @@ nobody else around does not execute its run twice."""
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -88,7 +87,7 @@ def _wait_finished(flow: PgFlow, run_id: str, watch: list[Proc]) -> None:
 
 def _steps(flow: PgFlow, run_id: str) -> dict[int, tuple[str, dict[str, Any], int]]:
     return {
-        seq: (status, json.loads(output), attempts)
+        seq: (status, flow.payload(run_id, seq, "step.output", output), attempts)
         for seq, status, output, attempts in flow.rows(
             "SELECT seq, status, output, attempts FROM steps WHERE run_id = ? ORDER BY seq",
             (run_id,),
@@ -189,7 +188,7 @@ def test_thawed_worker_cannot_record_over_the_worker_that_took_its_run(
     )
     assert status == "succeeded"
     assert attempts == 2, "the run was claimed other than once by A, then once by B"
-    result = json.loads(output)
+    result = flow.payload(run_id, 0, "output", output)
     assert (result["pid"], result["claim"]) == (b.pid, 2), result
     steps = _steps(flow, run_id)
     assert [(s[0], s[1]["pid"], s[1]["claim"], s[2]) for s in steps.values()] == [
@@ -236,7 +235,7 @@ def test_lone_worker_thawed_after_its_lease_runs_nothing_twice(
 
     [(status, output)] = flow.rows("SELECT status, output FROM runs WHERE id = ?", (run_id,))
     assert status == "succeeded"
-    assert json.loads(output)["pid"] == a.pid
+    assert flow.payload(run_id, 0, "output", output)["pid"] == a.pid
     assert _executions(flow, run_id) == {1: [a.pid], 2: [a.pid], 3: [a.pid]}, (
         "a step ran twice in the one worker that held the run"
     )

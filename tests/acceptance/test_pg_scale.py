@@ -186,8 +186,11 @@ def test_every_second_cron_yields_one_run_per_tick_across_four_workers(
     assert flow.rows("SELECT COUNT(*) FROM runs") == [(len(run_ids),)]
 
     ticks = [
-        int(datetime.fromisoformat(json.loads(i)["scheduled_at"]).timestamp() * 1000)
-        for _, i, _ in ticks_runs
+        int(
+            datetime.fromisoformat(flow.payload(r, 0, "input", i)["scheduled_at"]).timestamp()
+            * 1000
+        )
+        for r, i, _ in ticks_runs
     ]
     assert [k for *_, k in ticks_runs] == [f"schedule:tick:{t}" for t in ticks]
     assert len(set(ticks)) == len(ticks), f"a tick ran twice: {sorted(ticks)}"
@@ -199,8 +202,8 @@ def test_every_second_cron_yields_one_run_per_tick_across_four_workers(
     [(last_tick,)] = flow.rows("SELECT last_tick FROM schedules WHERE name = 'tick'")
     assert last_tick == ticks[-1]
     _effects_once(flow, run_ids)
-    outputs = flow.rows("SELECT output FROM runs WHERE id = ANY(?)", (run_ids,))
-    pids = {json.loads(o)["pid"] for (o,) in outputs}
+    outputs = flow.rows("SELECT id, output FROM runs WHERE id = ANY(?)", (run_ids,))
+    pids = {flow.payload(r, 0, "output", o)["pid"] for (r, o) in outputs}
     sys.stderr.write(f"{len(ticks)} ticks, one run each, executed by pids {sorted(pids)}\n")
 
 

@@ -13,7 +13,6 @@ the gateway is wired at import with `flowdesk.models.rollout.wire`.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections import Counter
 from typing import Any
@@ -114,9 +113,9 @@ def _start(database_url: str) -> list[str]:
 
 
 def _outputs(flow: Flow, workflow: str) -> list[dict[str, Any]]:
-    rows = flow.rows("SELECT status, output FROM runs WHERE workflow = ?", (workflow,))
-    assert all(status == "succeeded" for status, _ in rows), rows
-    return [json.loads(output) for _, output in rows]
+    rows = flow.rows("SELECT id, status, output FROM runs WHERE workflow = ?", (workflow,))
+    assert all(status == "succeeded" for _, status, _ in rows), rows
+    return [flow.payload(run_id, 0, "output", output) for run_id, _, output in rows]
 
 
 def _scenario(flow: Flow, workers: list[Proc]) -> None:

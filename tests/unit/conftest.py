@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import json
 import os
 import secrets
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -45,6 +47,12 @@ POSTGRES_URL = os.environ.get(
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Payload master keys: one key file for the session (a SQLite database would otherwise
+    # get its own beside it, and PostgreSQL the user's ~/.config/flowdesk/master.key).
+    os.environ.setdefault(
+        "FLOWDESK_MASTER_KEY_FILE",
+        os.path.join(tempfile.mkdtemp(prefix="flowdesk-keys-"), "master.key"),
+    )
     config.addinivalue_line(
         "markers", "sqlite_only: the test is about SQLite itself; it does not run on PostgreSQL"
     )
@@ -455,3 +463,34 @@ def execute(direct_sql: DirectSql) -> Callable[..., int]:
         return direct_sql.run(sql, params)[1]
 
     return run
+
+
+@pytest.fixture
+def reveal(
+    query: Callable[..., list[tuple[Any, ...]]], db_url: str
+) -> Callable[[str, int, str, str | None], Any]:
+    """Open a payload read raw from the database, as the store does (payloads are sealed
+    at rest): ``reveal(run_id, seq, kind, stored)`` returns its decoded JSON; kinds are
+    ``input``, ``output``, ``error``, ``step.output``, ``step.error``, ``signal:<name>``."""
+    from flowdesk.store import payloads, sql_payloads
+
+    masters = payloads.load_master_keys(db_url)
+    ring = None if masters is None else payloads.Keyring(masters)
+    pg = not db_url.startswith("sqlite")
+    in_list = " IN (SELECT value FROM json_each(?))"
+
+    async def fetch(sql: str, params: Any) -> list[Any]:
+        return query(sql.replace(in_list, " = ANY(?)") if pg else sql, tuple(params))
+
+    def as_list(values: Any) -> Any:
+        return list(values) if pg else json.dumps(list(values))
+
+    def open_(run_id: str, seq: int, kind: str, stored: str | None) -> Any:
+        coro = sql_payloads.load(ring, fetch, as_list, [run_id])
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            return done.value.json(run_id, seq, kind, stored)
+        raise AssertionError("loading keys suspended")
+
+    return open_

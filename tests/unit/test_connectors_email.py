@@ -141,6 +141,7 @@ async def test_a_step_sends_once_even_when_it_runs_twice(
     app: flowdesk.App,
     mailbox: tuple[Mailbox, int],
     query: Callable[..., list[tuple[Any, ...]]],
+    reveal: Callable[..., Any],
 ) -> None:
     box, port = mailbox
     smtp = connector(app, port)
@@ -172,11 +173,18 @@ async def test_a_step_sends_once_even_when_it_runs_twice(
     assert received.message["Message-ID"] == expected_id
     assert received.message["Subject"] == "Invoice 7"
     assert received.rcpt_tos == ["ada@customer.test"] and received.mail_from == SENDER
-    assert query(
+    [(status, attempts, stored)] = query(
         "SELECT status, attempts, result FROM connector_effects"
         " WHERE connector = ? AND idempotency_key = ?",
         ("mail", key),
-    ) == [("done", 1, json.dumps({"message_id": expected_id, "accepted": 1}))]
+    )
+    assert (status, attempts) == ("done", 1)
+    # Recorded sealed with the run's key, as the step's own result is.
+    assert "ada@customer.test" not in stored and expected_id not in stored
+    assert reveal(handle.id, 1, "connector:mail", stored) == {
+        "message_id": expected_id,
+        "accepted": 1,
+    }
     calls = [r for r in audit if r["action"] == base.AUDIT_ACTION]
     assert [(c["status"], c["idempotency_key"]) for c in calls] == [
         ("ok", key),

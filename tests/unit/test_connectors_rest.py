@@ -304,8 +304,14 @@ async def test_call_from_a_step_sends_the_run_key_and_is_audited(
         assert record["attempts"] == 1 and record["retries"] == []
         assert isinstance(record["duration_ms"], float) and record["duration_ms"] >= 0
         sent = {"customer": "Ada Lovelace", "amount": 120}
-        assert record["input_sha256"] == base.digest(sent)
-        assert record["output_sha256"] == base.digest(result.model_dump(mode="json"))
+        # Keyed digests (HMAC under the store's index key), never bare hashes of payloads.
+        for field, value in (
+            ("input_sha256", sent),
+            ("output_sha256", result.model_dump(mode="json")),
+        ):
+            digest = base.digest(value)
+            assert record[field] != digest
+            assert record[field] == await app.submit(lambda tx, d=digest: tx.keyed_digest(d))
         text = await all_audit_text(app)
         assert STATIC_TOKEN not in text
         assert "Ada Lovelace" not in "\n".join(json.dumps(r) for r in await connector_audit(app))

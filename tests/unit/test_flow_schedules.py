@@ -4,7 +4,6 @@ resume, changed expressions, and what a schedule refuses."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import Counter
 from datetime import datetime
@@ -34,8 +33,11 @@ def _register(app: flowdesk.App, executed: list[int], catchup: str = "skip") -> 
         return await ctx.step(tick, scheduled_at)
 
 
-def _scheduled_runs(query: Any, name: str = "heartbeat") -> list[tuple[str, int, str, int]]:
-    """(id, tick, status, created_at) of every run the schedule started, by tick."""
+def _scheduled_runs(
+    query: Any, reveal: Any, name: str = "heartbeat"
+) -> list[tuple[str, int, str, int]]:
+    """(id, tick, status, created_at) of every run the schedule started, by tick (inputs
+    are sealed at rest: ``reveal`` opens them)."""
     rows = query(
         "SELECT id, idempotency_key, input, status, created_at FROM runs WHERE workflow = ?",
         (name,),
@@ -45,7 +47,7 @@ def _scheduled_runs(query: Any, name: str = "heartbeat") -> list[tuple[str, int,
         prefix, sched, tick = key.split(":")
         assert (prefix, sched) == ("schedule", name)
         # The key names the tick, and the input carries the same instant.
-        assert _tick_ms(json.loads(raw_input)["scheduled_at"]) == int(tick)
+        assert _tick_ms(reveal(run_id, 0, "input", raw_input)["scheduled_at"]) == int(tick)
         out.append((run_id, int(tick), status, created))
     return sorted(out, key=lambda r: r[1])
 
@@ -59,7 +61,7 @@ def _consecutive_seconds(ticks: list[int]) -> bool:
     return all(b - a == 1000 for a, b in zip(ticks, ticks[1:], strict=False))
 
 
-async def test_one_run_per_tick_with_two_workers(make_app, query, wait_until):
+async def test_one_run_per_tick_with_two_workers(make_app, query, reveal, wait_until):
     executed: list[int] = []
     apps = [make_app(), make_app()]
     for a in apps:
@@ -71,7 +73,7 @@ async def test_one_run_per_tick_with_two_workers(make_app, query, wait_until):
                 lambda: len(set(executed)) >= 3, timeout=10, what="three ticks have run"
             )
         records = await first.schedules()
-    runs = _scheduled_runs(query)
+    runs = _scheduled_runs(query, reveal)
     ticks = [r[1] for r in runs]
     assert len(ticks) >= 3
     assert len(set(ticks)) == len(ticks)  # one run per tick
@@ -93,12 +95,12 @@ async def _stop_after_sync(app: flowdesk.App, wait_until: Any) -> None:
 
 
 @pytest.mark.parametrize("catchup", ["all", "skip"])
-async def test_catchup_after_downtime(app, execute, query, wait_until, catchup):
+async def test_catchup_after_downtime(app, execute, query, reveal, wait_until, catchup):
     executed: list[int] = []
     _register(app, executed, catchup=catchup)
     async with app:
         await _stop_after_sync(app, wait_until)
-        before = {r[1] for r in _scheduled_runs(query)}
+        before = {r[1] for r in _scheduled_runs(query, reveal)}
         # Everything was down for a while: the stored next tick is 5 s in the past.
         missed_from = (int(time.time()) - 5) * 1000
         assert all(t < missed_from for t in before)
@@ -107,7 +109,7 @@ async def test_catchup_after_downtime(app, execute, query, wait_until, catchup):
         async with app.worker(concurrency=20):
 
             def fired() -> list[tuple[str, int, str, int]]:
-                return [r for r in _scheduled_runs(query) if r[1] >= missed_from]
+                return [r for r in _scheduled_runs(query, reveal) if r[1] >= missed_from]
 
             await wait_until(fired, what="the schedule fires after the downtime")
             first_fire = min(r[3] for r in fired())
@@ -126,12 +128,16 @@ async def test_catchup_after_downtime(app, execute, query, wait_until, catchup):
     else:
         # Only the latest missed tick.
         assert caught == [latest_missed]
-        assert not [t for r in _scheduled_runs(query) if missed_from <= (t := r[1]) < latest_missed]
-    assert sorted(executed) == sorted({r[1] for r in _scheduled_runs(query) if r[2] == "succeeded"})
+        assert not [
+            t for r in _scheduled_runs(query, reveal) if missed_from <= (t := r[1]) < latest_missed
+        ]
+    assert sorted(executed) == sorted(
+        {r[1] for r in _scheduled_runs(query, reveal) if r[2] == "succeeded"}
+    )
     assert Counter(executed).most_common(1)[0][1] == 1
 
 
-async def test_pause_and_resume(app, query, wait_until):
+async def test_pause_and_resume(app, query, reveal, wait_until):
     executed: list[int] = []
     _register(app, executed)
     async with app, app.worker(concurrency=10):
@@ -140,9 +146,9 @@ async def test_pause_and_resume(app, query, wait_until):
         paused_at = int(time.time() * 1000)
         (record,) = await app.schedules()
         assert record.paused and record.name == "heartbeat"
-        runs_at_pause = _scheduled_runs(query)
+        runs_at_pause = _scheduled_runs(query, reveal)
         await asyncio.sleep(1.3)  # at least one tick passes while paused
-        assert [r[:2] for r in _scheduled_runs(query)] == [r[:2] for r in runs_at_pause], (
+        assert [r[:2] for r in _scheduled_runs(query, reveal)] == [r[:2] for r in runs_at_pause], (
             "a paused schedule started a run"
         )
         assert (await app.schedules())[0].paused
@@ -153,11 +159,11 @@ async def test_pause_and_resume(app, query, wait_until):
         assert not record.paused
         assert round(record.next_tick.timestamp() * 1000) > resumed_at
         await wait_until(
-            lambda: len(_scheduled_runs(query)) >= len(runs_at_pause) + 2,
+            lambda: len(_scheduled_runs(query, reveal)) >= len(runs_at_pause) + 2,
             timeout=5,
             what="two ticks after resuming",
         )
-    ticks = [r[1] for r in _scheduled_runs(query)]
+    ticks = [r[1] for r in _scheduled_runs(query, reveal)]
     old = [r[1] for r in runs_at_pause]
     new = ticks[len(old) :]
     assert ticks[: len(old)] == old

@@ -237,10 +237,17 @@ async def test_list_get_and_steps(env):
             break
     assert seen == list(reversed(ids))
 
+    # A viewer sees the run and its timeline, its payloads masked (no payload:read) ...
+    masked = {"$masked": "needs the payload:read permission"}
     run = (await env.call("GET", f"/runs/{ids[0]}", "vera")).json()
+    assert run["status"] == "succeeded" and run["output"] == masked and run["input"] == masked
+    viewed = (await env.call("GET", f"/runs/{ids[3]}/steps", "vera")).json()
+    assert [(s["name"], s["status"], s["output"]) for s in viewed] == [("double", "ok", masked)]
+    # ... an admin sees them decrypted.
+    run = (await env.call("GET", f"/runs/{ids[0]}", "root")).json()
     assert run["status"] == "succeeded" and run["output"] == 0 and run["input"] == {"n": 0}
     assert run["finished_at"].startswith("20") and "T" in run["created_at"]
-    steps = (await env.call("GET", f"/runs/{ids[3]}/steps", "vera")).json()
+    steps = (await env.call("GET", f"/runs/{ids[3]}/steps", "root")).json()
     assert len(steps) == 1
     step = steps[0]
     assert {k: step[k] for k in ("seq", "name", "kind", "status", "attempts", "output")} == {
@@ -278,7 +285,13 @@ async def test_signal_cancel_and_retry(env):
     await env.wait_status(env.app, doomed, RunStatus.WAITING)
     r = await env.call("POST", f"/runs/{doomed}/cancel", "olga", json={"reason": "not needed"})
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
-    assert r.json()["error"] == {"type": "Cancelled", "message": "not needed"}
+    # An operator has no payload:read: the error keeps its type, the message is masked.
+    assert r.json()["error"] == {
+        "type": "Cancelled",
+        "$masked": "needs the payload:read permission",
+    }
+    run = (await env.call("GET", f"/runs/{doomed}", "root")).json()
+    assert run["error"] == {"type": "Cancelled", "message": "not needed"}
     error(await env.call("POST", f"/runs/{waiting}/cancel", "olga"), 409, "InvalidState")
     other = await env.start("waiter")
     await env.wait_status(env.app, other, RunStatus.WAITING)
@@ -488,6 +501,9 @@ MATRIX: list[tuple[str, str, Any, tuple[int, int, int, int, int]]] = [
     ("DELETE", "/users/dora/tokens/{token}", None, (204, 403, 403, 403, 401)),
     # Signed with the hook's secret (any bearer token, or none, is ignored).
     ("POST", "/hooks/ping", {"n": 1}, (201, 201, 201, 201, 201)),
+    # Data subjects: the export reveals payloads (payload:read), erasure is admin only.
+    ("GET", "/subjects/customer:1/export", None, (200, 403, 403, 403, 401)),
+    ("POST", "/subjects/customer:1/erase", {"reason": "test"}, (200, 403, 403, 403, 401)),
     # The assistants (installed by the matrix test): anyone signed in may ask for approval.
     ("POST", "/approvals", APPROVAL, (201, 201, 201, 201, 401)),
     ("POST", "/messages", MESSAGE, (202, 202, 403, 403, 401)),

@@ -304,6 +304,11 @@ def digest(value: Any) -> str | None:
     return hashlib.sha256(audit.canonical(value)).hexdigest()
 
 
+def _where(record: dict[str, Any]) -> Where:
+    run_id, seq = record.get("run_id"), record.get("seq")
+    return None if run_id is None or seq is None else (str(run_id), int(seq))
+
+
 def _scrub_value(value: Any, hidden: Sequence[secrets_.Secret]) -> Any:
     if isinstance(value, str):
         return secrets_.scrub(value, hidden)
@@ -326,8 +331,13 @@ def _sql_tx(tx: store_base.Tx) -> store_sql.SqlTx:
     return tx
 
 
+Where = tuple[str, int] | None
+"""The (run id, seq) of the step making the call: its recorded result is sealed with the
+run's data key, as the step's own result is."""
+
+
 async def _claim_effect_txn(
-    tx: store_base.Tx, connector: str, key: str, refuse_uncertain: bool
+    tx: store_base.Tx, connector: str, key: str, refuse_uncertain: bool, where: Where = None
 ) -> tuple[Prior, str | None]:
     """Claim ``(connector, key)`` before the call goes out. Returns what was there before
     (``new``, ``failed``, ``started``, ``done``) and, for ``done``, the recorded output.
@@ -349,6 +359,8 @@ async def _claim_effect_txn(
     status, attempts = str(row[0]), int(row[1])
     prior: Prior = "new" if attempts == 0 else status  # type: ignore[assignment]
     if prior == "done":
+        if row[2] is not None and where is not None:
+            return prior, await t._open(where[0], where[1], "connector:" + connector, row[2])
         return prior, None if row[2] is None else str(row[2])
     if prior == "started" and refuse_uncertain:
         return prior, None
@@ -366,9 +378,16 @@ async def _claim_effect_txn(
 
 
 async def _settle_effect_txn(
-    tx: store_base.Tx, connector: str, key: str, status: str, result: str | None
+    tx: store_base.Tx,
+    connector: str,
+    key: str,
+    status: str,
+    result: str | None,
+    where: Where = None,
 ) -> None:
     t = _sql_tx(tx)
+    if where is not None:
+        result = await t._seal(where[0], where[1], "connector:" + connector, result)
     await t._run(
         "UPDATE connector_effects SET status = ?, result = ?, updated_at = ?"
         " WHERE connector = ? AND idempotency_key = ?",
@@ -481,7 +500,7 @@ class Connector(ABC):
         record["input_sha256"] = digest(payload)
         record["target"] = self.target(op, model)
         if self.records_effects:
-            prior, recorded = await self._claim(key)
+            prior, recorded = await self._claim(key, _where(record))
             if prior == "done":
                 output = self._output(op, None if recorded is None else json.loads(recorded))
                 record["output_sha256"] = digest(output.model_dump(mode="json"))
@@ -663,11 +682,11 @@ class Connector(ABC):
             )
             await asyncio.sleep(wait)
 
-    async def _claim(self, key: str) -> tuple[Prior, str | None]:
+    async def _claim(self, key: str, where: Where = None) -> tuple[Prior, str | None]:
         refuse = self.on_uncertain == "refuse"
         name = self.name
         result: tuple[Prior, str | None] = await self.app.submit(
-            lambda tx: _claim_effect_txn(tx, name, key, refuse), actor=self.actor
+            lambda tx: _claim_effect_txn(tx, name, key, refuse, where), actor=self.actor
         )
         return result
 
@@ -692,11 +711,18 @@ class Connector(ABC):
         data = _scrub_value(data, list(self.secrets()))
         name, key = self.name, str(record["idempotency_key"])
         settle = effect if self.records_effects and effect is not None else None
+        where = _where(record)
 
         async def op(tx: store_base.Tx) -> None:
             if settle is not None:
-                await _settle_effect_txn(tx, name, key, settle, result)
-            tx.audit(AUDIT_ACTION, f"connector:{name}", data)
+                await _settle_effect_txn(tx, name, key, settle, result, where)
+            # The audit commits to keyed digests of what went out and came back: a bare
+            # hash of personal data could be confirmed by guessing.
+            keyed = dict(data)
+            for field in ("input_sha256", "output_sha256"):
+                if isinstance(tx, store_sql.SqlTx):
+                    keyed[field] = await tx.keyed_digest(keyed.get(field))
+            tx.audit(AUDIT_ACTION, f"connector:{name}", keyed)
 
         log.debug(
             "connector %s: %s %s -> %s (%s) in %.1f ms, %d attempt(s), key %s",

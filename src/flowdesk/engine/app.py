@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from flowdesk import codec, errors
 from flowdesk.engine import gateway_port, observe_port, registry, schedules, tasks
 from flowdesk.engine.writer import Writer
-from flowdesk.store import audit, base
+from flowdesk.store import audit, base, sql_privacy
 from flowdesk.store import sql as sql_store
 from flowdesk.store.base import (
     NewRun,
@@ -351,6 +351,7 @@ class App:
         dedupe_key: str | None = None,
         debounce: timedelta | float | None = None,
         initiator: str | None = None,
+        subjects: Sequence[str] = (),
     ) -> RunHandle:
         """Start a run.
 
@@ -361,7 +362,9 @@ class App:
         pushes it back and replaces its input (the last one wins). ``priority``: higher
         starts first within the queue. ``delay``: start no earlier than that. ``timeout``:
         overrides the workflow's. ``initiator``: who asks for the work (default: the acting
-        user of an API request); four-eyes tasks refuse completion by them."""
+        user of an API request); four-eyes tasks refuse completion by them. ``subjects``:
+        the data subjects (``"customer:42"``) its payloads are about; erasing one destroys
+        the run's data key (see ``docs/privacy.md``)."""
         await self.open()
         new = self.new_run(
             workflow,
@@ -375,6 +378,7 @@ class App:
             dedupe_key=dedupe_key,
             debounce=debounce,
             initiator=initiator,
+            subjects=subjects,
         )
         run_id, created = await self.submit(lambda tx: tx.create_run(new))
         if created:
@@ -395,6 +399,7 @@ class App:
         dedupe_key: str | None = None,
         debounce: timedelta | float | None = None,
         initiator: str | None = None,
+        subjects: Sequence[str] = (),
     ) -> NewRun:
         """The run `start` creates (input validated, not stored yet), for a caller that
         creates it with ``tx.create_run`` inside a transaction of its own (a webhook records
@@ -407,6 +412,10 @@ class App:
         limit = _secs(timeout) if timeout is not None else wdef.timeout
         if debounce is not None and dedupe_key is None:
             raise errors.ConfigurationError("debounce needs a dedupe_key")
+        if isinstance(subjects, str):
+            raise errors.ConfigurationError(
+                f"subjects={subjects!r}: pass a list of subjects, such as [{subjects!r}]."
+            )
         return NewRun(
             id=new_run_id(),
             workflow=name,
@@ -422,6 +431,7 @@ class App:
             debounce_ms=None if debounce is None else int((_secs(debounce) or 0) * 1000),
             deadline_at=None if limit is None else now + int(limit * 1000),
             initiator=initiator or _person(audit.ACTOR.get()),
+            subjects=tuple(sql_privacy.check_subject(s) for s in subjects),
         )
 
     async def submit(self, op: Callable[[base.Tx], Awaitable[T]], actor: str | None = None) -> T:

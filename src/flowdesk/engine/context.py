@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from flowdesk import codec, errors
 from flowdesk.engine import observe_port, registry, tasks
-from flowdesk.store import base, people
+from flowdesk.store import base, people, sql_privacy
 from flowdesk.store.base import Expired, Fenced, HistoryRow, NewRun, Parked, Resolved, StepRow
 
 if TYPE_CHECKING:
@@ -233,6 +233,19 @@ class Context:
         if observer is not None:
             for defn, value, labels in pending:
                 observer.metric(defn, value, labels)
+
+    async def add_subject(self, subject: str) -> None:
+        """Tie this run's payloads (those stored so far and all later ones) to a data
+        subject such as ``"customer:42"``: erasing the subject destroys the run's data
+        key. Idempotent: replay calls it again, and nothing changes."""
+        sql_privacy.check_subject(subject)
+        run_id, owner = self.run_id, self._owner
+        try:
+            await self._rt.writer.submit(lambda tx: tx.add_subject(run_id, owner, subject))
+        except Fenced as exc:
+            raise self._fenced(exc) from None
+        except Exception as exc:
+            raise _unrecorded(exc) from exc
 
     def idempotency_key(self) -> str:
         """``run_id:seq`` of the running step; outside a step, of the next step to be called.

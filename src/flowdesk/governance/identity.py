@@ -44,6 +44,10 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "audit:read": frozenset({"admin", "operator"}),
     "audit:write": frozenset({"admin"}),
     "users:admin": frozenset({"admin"}),
+    # decrypted payloads (inputs, results, signals, forms) of runs; others see them masked
+    "payload:read": frozenset({"admin"}),
+    # erase a data subject (destroys its data key)
+    "privacy:erase": frozenset({"admin"}),
 }
 
 T = TypeVar("T")

@@ -1,5 +1,10 @@
 """Retention: delete the payloads of runs that finished long enough ago.
 
+Two ways. `set_policy` + `install_policies` (per workflow, by key destruction): a durable
+scheduled job destroys the data keys of finished runs past their workflow's period, so
+their sealed payloads can never be read again. `purge`/`install` (one age for every run)
+empties the payload columns themselves, as described below.
+
 Inputs, outputs, step results and errors, signal payloads, and task contexts, forms and
 drafts go; the runs' rows, statuses and timings stay, and so does the audit chain, which
 never held payloads (only their SHA-256), so it still verifies. Each purge appends its own
@@ -12,6 +17,7 @@ from datetime import timedelta
 
 from flowdesk import errors
 from flowdesk.engine.app import App
+from flowdesk.engine.context import Context
 from flowdesk.store import base
 
 
@@ -45,3 +51,46 @@ def install(app: App, older_than: timedelta, *, every: timedelta = timedelta(hou
             await purge(app, older_than)
 
     app.upkeep_hooks.append(hook)
+
+
+# -- retention by policy: key destruction -----------------------------------------------------
+EXPIRE_WORKFLOW = "flowdesk.retention.expire"
+
+
+async def set_policy(app: App, workflow: str, keep: timedelta | None) -> None:
+    """Keep the payloads of ``workflow``'s finished runs for ``keep`` (None: forever). After
+    that, the expiry job destroys their data keys: rows, statuses and the audit stay."""
+    if keep is not None and keep <= timedelta(0):
+        raise errors.ConfigurationError("A retention period must be positive (keep).")
+    keep_ms = None if keep is None else int(keep.total_seconds() * 1000)
+    await app.submit(lambda tx: tx.set_retention(workflow, keep_ms), actor="system:retention")
+
+
+async def expire(app: App, *, batch: int = 500) -> list[str]:
+    """Destroy the data keys of every finished run past its workflow's retention period;
+    returns their ids. Idempotent: a run whose key is gone is not counted again."""
+    expired: list[str] = []
+    while True:
+        ids: list[str] = await app.submit(
+            lambda tx: tx.expire_payloads(batch), actor="system:retention"
+        )
+        expired += ids
+        if len(ids) < batch:
+            return expired
+
+
+def install_policies(app: App, *, cron: str = "*/15 * * * *") -> None:
+    """Register the durable expiry job: a scheduled workflow (one run per tick, however
+    many workers run; a tick missed while nothing ran is caught up once) whose step
+    destroys the keys of runs past their retention (`set_policy`). Each destruction is an
+    audit record ``retention.keys_destroyed`` naming the runs."""
+    if EXPIRE_WORKFLOW in app.registry.workflows:
+        return
+
+    @app.step(name="retention.expire_keys")
+    async def expire_keys() -> list[str]:
+        return await expire(app)
+
+    @app.workflow(EXPIRE_WORKFLOW, schedule=cron, catchup="skip")
+    async def expire_job(ctx: Context) -> int:
+        return len(await ctx.step(expire_keys))

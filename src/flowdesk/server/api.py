@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, Security
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -25,6 +26,7 @@ from flowdesk import errors
 from flowdesk.engine.app import App
 from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity as ident
+from flowdesk.governance import privacy
 from flowdesk.humans import inbox as inbox_mod
 from flowdesk.server import schemas as s
 from flowdesk.store import audit, base, people
@@ -86,6 +88,26 @@ TasksAct = Annotated[people.UserRecord, Depends(need("tasks:act"))]
 AuditRead = Annotated[people.UserRecord, Depends(need("audit:read"))]
 AuditWrite = Annotated[people.UserRecord, Depends(need("audit:write"))]
 Admin = Annotated[people.UserRecord, Depends(need("users:admin"))]
+PrivacyErase = Annotated[people.UserRecord, Depends(need("privacy:erase"))]
+PayloadRead = Annotated[people.UserRecord, Depends(need("payload:read"))]
+
+
+async def _revealed(
+    svc: Services, user: people.UserRecord, run_ids: list[str], what: str, **extra: Any
+) -> bool:
+    """Whether ``user`` sees decrypted payloads (``payload:read``); if so, the read is
+    audited (who, which runs) before the payloads leave the server."""
+    if not ident.allowed(user, "payload:read") or not run_ids:
+        return False
+    data = {"what": what, "runs": run_ids, **extra}
+    subject = "run:" + run_ids[0] if len(run_ids) == 1 else "runs"
+    await svc.app.submit(lambda tx: _audit_read(tx, subject, data), actor=user.id)
+    return True
+
+
+async def _audit_read(tx: base.Tx, subject: str, data: dict[str, Any]) -> None:
+    tx.audit("payload.read", subject, data)
+
 
 # -- parameters ----------------------------------------------------------------------------
 
@@ -254,14 +276,19 @@ async def list_runs(
     page = await svc.app.list_runs(
         status=status, workflow=workflow, limit=limit, cursor=checked_cursor(cursor)
     )
-    return s.RunPage(items=[s.RunOut.of(r) for r in page.items], next_cursor=page.next_cursor)
+    shown = await _revealed(svc, user, [r.id for r in page.items], "runs")
+    return s.RunPage(
+        items=[s.RunOut.of(r, masked=not shown) for r in page.items], next_cursor=page.next_cursor
+    )
 
 
 @router.get(
     "/runs/{run_id}", response_model=s.RunOut, responses=errs(*AUTH, 404, 422), tags=["runs"]
 )
 async def get_run(run_id: RunId, svc: Svc, user: RunsRead) -> s.RunOut:
-    return s.RunOut.of(await svc.app.get_run(run_id))
+    """The run; its input, output and error need ``payload:read`` (else masked)."""
+    run = await svc.app.get_run(run_id)
+    return s.RunOut.of(run, masked=not await _revealed(svc, user, [run_id], "run"))
 
 
 @router.get(
@@ -272,8 +299,11 @@ async def get_run(run_id: RunId, svc: Svc, user: RunsRead) -> s.RunOut:
     summary="The run's timeline",
 )
 async def run_steps(run_id: RunId, svc: Svc, user: RunsRead) -> list[s.StepOut]:
-    """Recorded steps, sleeps, waits, children and tasks, in order."""
-    return [s.StepOut.of(step) for step in await svc.app.steps(run_id)]
+    """Recorded steps, sleeps, waits, children and tasks, in order (results and errors
+    need ``payload:read``, else masked)."""
+    steps = await svc.app.steps(run_id)
+    shown = await _revealed(svc, user, [run_id], "steps")
+    return [s.StepOut.of(step, masked=not shown) for step in steps]
 
 
 @router.post(
@@ -307,7 +337,8 @@ async def cancel_run(
     """Cancel the run and its children (a running one stops at its next step)."""
     reason = body.reason if body is not None and body.reason else f"cancelled by {user.id}"
     await svc.app.cancel(run_id, reason)
-    return s.RunOut.of(await svc.app.get_run(run_id))
+    run = await svc.app.get_run(run_id)
+    return s.RunOut.of(run, masked=not await _revealed(svc, user, [run_id], "run"))
 
 
 @router.post(
@@ -319,15 +350,28 @@ async def cancel_run(
 async def retry_run(run_id: RunId, svc: Svc, user: RunsWrite) -> s.RunOut:
     """Resume a failed run from its failed step."""
     await svc.app.retry(run_id)
-    return s.RunOut.of(await svc.app.get_run(run_id))
+    run = await svc.app.get_run(run_id)
+    return s.RunOut.of(run, masked=not await _revealed(svc, user, [run_id], "run"))
 
 
 # -- tasks -----------------------------------------------------------------------------------
 
 
-async def _detail(svc: Services, task: people.TaskRecord) -> s.TaskDetail:
+async def _detail(
+    svc: Services, task: people.TaskRecord, user: people.UserRecord | None = None
+) -> s.TaskDetail:
+    """A task's page. Its context, draft and form data are shown to those who may act on
+    it (they decide on them) and to holders of ``payload:read``; the read is audited."""
     events = await svc.app.store.task_events(task.id)
-    return s.TaskDetail.of_task(task, events, now())
+    shown = user is None
+    if user is not None and (
+        ident.allowed(user, "payload:read")
+        or people.may_act(user.person(), task.assignee, task.users, task.groups, task.roles)
+    ):
+        data = {"what": "task", "runs": [task.run_id], "task": task.id}
+        await svc.app.submit(lambda tx: _audit_read(tx, "run:" + task.run_id, data), actor=user.id)
+        shown = True
+    return s.TaskDetail.of_task(task, events, now(), masked=not shown)
 
 
 @router.get(
@@ -371,7 +415,7 @@ async def list_tasks(
 )
 async def get_task(task_id: TaskId, svc: Svc, user: TasksRead) -> s.TaskDetail:
     """The task with its form (JSON Schema), context, draft and history."""
-    return await _detail(svc, await svc.inbox.get(task_id, user.person()))
+    return await _detail(svc, await svc.inbox.get(task_id, user.person()), user)
 
 
 @router.post(
@@ -381,7 +425,7 @@ async def get_task(task_id: TaskId, svc: Svc, user: TasksRead) -> s.TaskDetail:
     tags=["tasks"],
 )
 async def claim_task(task_id: TaskId, svc: Svc, user: TasksAct) -> s.TaskDetail:
-    return await _detail(svc, await svc.inbox.claim(task_id, user.person()))
+    return await _detail(svc, await svc.inbox.claim(task_id, user.person()), user)
 
 
 @router.post(
@@ -391,7 +435,7 @@ async def claim_task(task_id: TaskId, svc: Svc, user: TasksAct) -> s.TaskDetail:
     tags=["tasks"],
 )
 async def unclaim_task(task_id: TaskId, svc: Svc, user: TasksAct) -> s.TaskDetail:
-    return await _detail(svc, await svc.inbox.unclaim(task_id, user.person()))
+    return await _detail(svc, await svc.inbox.unclaim(task_id, user.person()), user)
 
 
 @router.post(
@@ -405,7 +449,7 @@ async def complete_task(
 ) -> s.TaskDetail:
     """Submit the form: validated against its schema (422 lists every field error, and
     the task stays open), then the run resumes."""
-    return await _detail(svc, await svc.inbox.complete(task_id, user.person(), body.data))
+    return await _detail(svc, await svc.inbox.complete(task_id, user.person(), body.data), user)
 
 
 @router.post(
@@ -418,7 +462,7 @@ async def delegate_task(
     task_id: TaskId, body: s.DelegateIn, svc: Svc, user: TasksAct
 ) -> s.TaskDetail:
     """Hand the task to another (active) user, who becomes its assignee."""
-    return await _detail(svc, await svc.inbox.delegate(task_id, user.person(), body.user))
+    return await _detail(svc, await svc.inbox.delegate(task_id, user.person(), body.user), user)
 
 
 @router.post(
@@ -442,7 +486,7 @@ async def comment_task(
 )
 async def save_draft(task_id: TaskId, body: s.FormData, svc: Svc, user: TasksAct) -> s.TaskDetail:
     """Keep what was typed so far (not validated)."""
-    return await _detail(svc, await svc.inbox.save_draft(task_id, user.person(), body.data))
+    return await _detail(svc, await svc.inbox.save_draft(task_id, user.person(), body.data), user)
 
 
 # -- audit -----------------------------------------------------------------------------------
@@ -481,6 +525,52 @@ async def export_audit(
             yield "".join(chunk)
 
     return NdjsonResponse(lines())
+
+
+# -- privacy ---------------------------------------------------------------------------------
+SubjectId = Annotated[
+    str,
+    Path(
+        description="A data subject, such as `customer:42`.",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[^\s\x00-\x1f]+$",
+    ),
+]
+
+
+@router.get(
+    "/subjects/{subject}/export",
+    responses=errs(*AUTH, 422),
+    tags=["privacy"],
+    summary="Everything stored about a data subject",
+)
+async def export_subject(subject: SubjectId, svc: Svc, user: PayloadRead) -> JSONResponse:
+    """The subject's runs with their input, output, error, steps, signals and human tasks,
+    decrypted (a subject-access request). The read is audited."""
+    data = await privacy.export(svc.app, subject)
+    runs = [r["id"] for r in data["runs"]]
+    await svc.app.submit(
+        lambda tx: _audit_read(tx, "subject:" + subject, {"what": "export", "runs": runs}),
+        actor=user.id,
+    )
+    return JSONResponse(jsonable_encoder(data))
+
+
+@router.post(
+    "/subjects/{subject}/erase",
+    response_model=s.Erased,
+    responses=errs(*AUTH, 422),
+    tags=["privacy"],
+    summary="Erase a data subject",
+)
+async def erase_subject(
+    subject: SubjectId, svc: Svc, user: PrivacyErase, body: s.EraseIn | None = None
+) -> s.Erased:
+    """Destroy the subject's data key and its runs' keys in one transaction, with an
+    audit record; unfinished runs are cancelled. Runs keep their metadata."""
+    done = await privacy.erase(svc.app, subject, body.reason if body else "", actor=user.id)
+    return s.Erased(**done)
 
 
 @router.get(

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from flowdesk.governance import audit as audit_log
 from flowdesk.governance import identity
-from flowdesk.store import base, people
+from flowdesk.store import base, payloads, people
 
 INT32 = 2**31 - 1
 INT63 = 2**63 - 1
@@ -173,6 +173,36 @@ class TokenCreated(TokenOut):
 
 
 # -- runs ----------------------------------------------------------------------------------
+MASKED = "$masked"
+_MASK_REASON = "needs the payload:read permission"
+
+
+def mask(value: Any) -> Any:
+    """A payload as shown without ``payload:read``: ``{"$masked": ...}``; an erased one
+    stays ``{"$erased": reason}`` (nothing to hide), None stays None."""
+    if value is None or payloads.is_erased(value):
+        return value
+    return {MASKED: _MASK_REASON}
+
+
+def mask_error(error: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An error keeps its type (what went wrong) and loses its message and traceback."""
+    if error is None or payloads.is_erased(error):
+        return error
+    return {"type": error.get("type"), MASKED: _MASK_REASON}
+
+
+class EraseIn(_In):
+    reason: str = Field(default="", max_length=500, description="Recorded in the audit.")
+
+
+class Erased(BaseModel):
+    subject: str
+    runs: list[str] = Field(description="The subject's runs: their payloads are gone.")
+    cancelled: list[str] = Field(description="Those that had not finished: cancelled.")
+    keys: list[str] = Field(description="Ids of the destroyed data keys.")
+
+
 class StartRun(_In):
     workflow: Name
     input: JsonObject | None = None
@@ -207,16 +237,16 @@ class RunOut(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, run: base.RunRecord) -> RunOut:
+    def of(cls, run: base.RunRecord, *, masked: bool = False) -> RunOut:
         return cls(
             id=run.id,
             workflow=run.workflow,
             queue=run.queue,
             priority=run.priority,
             status=run.status,
-            input=run.input,
-            output=run.output,
-            error=run.error,
+            input=mask(run.input) if masked else run.input,
+            output=mask(run.output) if masked else run.output,
+            error=mask_error(run.error) if masked else run.error,
             idempotency_key=run.idempotency_key,
             parent_id=run.parent_id,
             parent_seq=run.parent_seq,
@@ -258,7 +288,7 @@ class StepOut(BaseModel):
     error: dict[str, Any] | None
 
     @classmethod
-    def of(cls, step: base.StepRecord) -> StepOut:
+    def of(cls, step: base.StepRecord, *, masked: bool = False) -> StepOut:
         return cls(
             seq=step.seq,
             name=step.name,
@@ -268,8 +298,8 @@ class StepOut(BaseModel):
             started_at=step.started_at,
             finished_at=step.finished_at,
             duration_ms=step.duration_ms,
-            output=step.output,
-            error=step.error,
+            output=mask(step.output) if masked else step.output,
+            error=mask_error(step.error) if masked else step.error,
         )
 
 
@@ -368,15 +398,20 @@ class TaskDetail(TaskOut):
 
     @classmethod
     def of_task(
-        cls, task: people.TaskRecord, events: list[people.TaskEvent], now: datetime
+        cls,
+        task: people.TaskRecord,
+        events: list[people.TaskEvent],
+        now: datetime,
+        *,
+        masked: bool = False,
     ) -> TaskDetail:
         return cls(
             **TaskOut.fields(task, now),
             form_schema=task.form_schema,
             form_ref=task.form_ref,
-            context=task.context,
-            draft=task.draft,
-            result=task.result,
+            context=mask(task.context) if masked else task.context,
+            draft=mask(task.draft) if masked else task.draft,
+            result=mask(task.result) if masked else task.result,
             escalation=list(task.escalation),
             events=[TaskEventOut.of(e) for e in events],
         )

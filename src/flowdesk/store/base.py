@@ -158,6 +158,7 @@ class NewRun:
     debounce_ms: int | None = None  # with dedupe_key: each repeat start pushes due_at out
     deadline_at: int | None = None
     initiator: str | None = None  # who asked for the work (children inherit the parent's)
+    subjects: tuple[str, ...] = ()  # data subjects its payloads are about (children inherit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +435,26 @@ class Tx(ABC):
     @abstractmethod
     async def purge_runs(self, finished_before: int, limit: int) -> list[str]: ...
 
+    # -- privacy (implemented in sql_privacy.py) -------------------------------------------
+    @abstractmethod
+    async def add_subject(self, run_id: str, owner: str | None, subject: str) -> bool:
+        """Tie a run's payloads to a data subject (fenced when ``owner`` is given)."""
+
+    @abstractmethod
+    async def erase_subject(self, subject: str, reason: str = "") -> dict[str, Any]:
+        """Destroy a subject's data key and its runs' keys; cancel its unfinished runs."""
+
+    @abstractmethod
+    async def set_retention(self, workflow: str, keep_ms: int | None) -> None: ...
+
+    @abstractmethod
+    async def expire_payloads(self, limit: int) -> list[str]:
+        """Destroy the data keys of finished runs past their workflow's retention."""
+
+    @abstractmethod
+    async def rewrap_keys(self, limit: int) -> int:
+        """Wrap data keys of older master keys with the current one; returns how many."""
+
     # -- observability (implemented in sql_observe.py) ------------------------------------
     @abstractmethod
     async def set_trace_context(self, run_id: str, traceparent: str) -> bool:
@@ -564,6 +585,23 @@ class Store(ABC):
 
     @abstractmethod
     async def audit_checkpoints(self) -> list[Sequence[Any]]: ...
+
+    # -- privacy (implemented in sql_privacy.py) -------------------------------------------
+    @abstractmethod
+    async def run_subjects(self, run_id: str) -> list[str]: ...
+
+    @abstractmethod
+    async def subject_runs(self, subject: str) -> list[str]:
+        """Ids of the runs tied to a data subject, oldest first."""
+
+    @abstractmethod
+    async def key_usage(self) -> dict[str, int]: ...
+
+    @abstractmethod
+    async def retention_policies(self) -> dict[str, int]: ...
+
+    @abstractmethod
+    async def signals_of(self, run_id: str) -> list[dict[str, Any]]: ...
 
     # -- observability (implemented in sql_observe.py) ------------------------------------
     @abstractmethod

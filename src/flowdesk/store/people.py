@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from flowdesk.store import base
+from flowdesk.store import base, sql_payloads
 
 TASK_SIGNAL = "flowdesk.task:"
 """Completing task T sends the signal ``flowdesk.task:T`` to its run."""
@@ -208,7 +208,9 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-def task_from_row(r: Sequence[Any]) -> TaskRecord:
+def task_from_row(r: Sequence[Any], keys: sql_payloads.RunKeys | None = None) -> TaskRecord:
+    """A task from its row; ``keys`` opens its sealed context, draft and form data."""
+    k = keys or sql_payloads.RunKeys(None)
     cands = json.loads(r[11])
     return TaskRecord(
         id=r[0],
@@ -221,7 +223,7 @@ def task_from_row(r: Sequence[Any]) -> TaskRecord:
         labels=json.loads(r[7]),
         form_schema=json.loads(r[8]),
         form_ref=r[9],
-        context=_loads(r[10]),
+        context=k.json(r[1], r[2], "task.context", r[10]),
         users=cands.get("users", []),
         groups=cands.get("groups", []),
         roles=cands.get("roles", []),
@@ -233,8 +235,8 @@ def task_from_row(r: Sequence[Any]) -> TaskRecord:
         escalation=_loads(r[17]) or [],
         escalation_level=r[18],
         escalate_at=base.ms_to_dt(r[19]),
-        draft=_loads(r[20]),
-        result=_loads(r[21]),
+        draft=k.json(r[1], r[2], "task.draft", r[20]),
+        result=k.json(r[1], r[2], "task.result", r[21]),
         completed_by=r[22],
         created_at=base.ms_to_dt(r[23]),  # type: ignore[arg-type]
         updated_at=base.ms_to_dt(r[24]),  # type: ignore[arg-type]

@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from flowdesk import errors
-from flowdesk.store import base, migrations, sql, sql_models, sql_observe, sql_people, sql_ui
+from flowdesk.store import (
+    base,
+    migrations,
+    sql,
+    sql_models,
+    sql_observe,
+    sql_people,
+    sql_privacy,
+    sql_ui,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -67,7 +76,13 @@ def _redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-class _Tx(sql_models.ModelsTx, sql_observe.ObserveTx, sql_ui.UiTx, sql_people.PeopleTx):
+class _Tx(
+    sql_models.ModelsTx,
+    sql_observe.ObserveTx,
+    sql_ui.UiTx,
+    sql_people.PeopleTx,
+    sql_privacy.PrivacyTx,
+):
     dialect = PostgresDialect
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], now: int) -> None:
@@ -112,7 +127,11 @@ class _Tx(sql_models.ModelsTx, sql_observe.ObserveTx, sql_ui.UiTx, sql_people.Pe
 
 
 class PostgresStore(
-    sql_models.ModelsStore, sql_observe.ObserveStore, sql_ui.UiStore, sql_people.PeopleStore
+    sql_models.ModelsStore,
+    sql_observe.ObserveStore,
+    sql_ui.UiStore,
+    sql_people.PeopleStore,
+    sql_privacy.PrivacyStore,
 ):
     dialect = PostgresDialect
     parallel_writes = 4  # group commits in flight at once, each on its own connection
@@ -151,6 +170,7 @@ class PostgresStore(
                 await migrations.migrate_postgres(conn, self.label)
         except psycopg.Error as exc:
             raise errors.StoreError(f"PostgreSQL at {self.label}: {exc}") from exc
+        self._load_keys()
         pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
             self.conninfo,
             min_size=1,
@@ -206,6 +226,7 @@ class PostgresStore(
         try:
             async with self.pool.connection() as conn, conn.transaction():
                 tx = _Tx(conn, base.now_ms())
+                tx.keys = self.keys
                 yield tx
                 await tx.seal_audit()
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
@@ -258,6 +279,7 @@ class PostgresStore(
             try:
                 async with conn.transaction():
                     tx = _Tx(conn, base.now_ms())
+                    tx.keys = self.keys
                     done = []
                     for op in work:
                         tx.actor = "system"
@@ -277,6 +299,7 @@ class PostgresStore(
             results: list[Any] = []
             async with conn.transaction():
                 tx = _Tx(conn, base.now_ms())
+                tx.keys = self.keys
                 for op in work:
                     tx.actor = "system"
                     mark = len(tx.events)

@@ -19,7 +19,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar, TypeVar
 
 from flowdesk import errors
-from flowdesk.store import audit, base, people
+from flowdesk.store import audit, base, payloads, people, sql_payloads
 from flowdesk.store.base import (
     AwaitOutcome,
     Claimed,
@@ -113,16 +113,18 @@ class Dialect:
         return json.dumps(list(values))
 
 
-def run_from_row(r: Sequence[Any]) -> RunRecord:
+def run_from_row(r: Sequence[Any], keys: sql_payloads.RunKeys | None = None) -> RunRecord:
+    """A run from its row; ``keys`` opens sealed payloads (see `sql_payloads.load`)."""
+    k = keys or sql_payloads.RunKeys(None)
     return RunRecord(
         id=r[0],
         workflow=r[1],
         queue=r[2],
         priority=r[3],
         status=RunStatus(r[4]),
-        input=json.loads(r[5]),
-        output=None if r[6] is None else json.loads(r[6]),
-        error=None if r[7] is None else json.loads(r[7]),
+        input=k.json(r[0], 0, "input", r[5]),
+        output=k.json(r[0], 0, "output", r[6]),
+        error=k.json(r[0], 0, "error", r[7]),
         idempotency_key=r[8],
         parent_id=r[9],
         parent_seq=r[10],
@@ -175,33 +177,129 @@ class SqlTx(base.Tx):
 
     dialect: ClassVar[type[Dialect]] = Dialect
     now: int
+    keys: payloads.Keyring | None = None
+    """Seals payloads before they are written (the store sets it; None: encryption off)."""
 
     def __init__(self, now: int) -> None:
         self.now = now
         self.actor = "system"
         self.events: list[audit.AuditEvent] = []
 
+    # -- payload sealing ---------------------------------------------------------------
+    async def _key(self, run_id: str) -> payloads.DataKey | None:
+        """The run's data key: from memory on the hot path, else from its row (created
+        for a run from before encryption). A destroyed key refuses the write (`Fenced`:
+        the run was erased, and cancelled with it)."""
+        ring = self.keys
+        if ring is None:
+            return None
+        key = ring.cached(run_id)
+        if key is not None:
+            return key
+        found = await sql_payloads.load(ring, self._all, self._list, [run_id])
+        got = found.by_run.get(run_id)
+        if isinstance(got, str):
+            raise Fenced(run_id, "cancel")
+        if got is None:
+            got = ring.new_key("run")
+            if not await self._insert_key(got, "run", run_id):
+                return await self._key(run_id)
+        ring.remember(run_id, got)
+        return got
+
+    async def _insert_key(
+        self,
+        key: payloads.DataKey,
+        kind: str,
+        owner: str,
+        subjects: Sequence[payloads.DataKey] = (),
+    ) -> bool:
+        """Store a new data key, wrapped; False when a live key of (kind, owner) exists."""
+        assert self.keys is not None
+        by, wrapped = self.keys.wrap(key, kind, owner, subjects)
+        row = await self._one(
+            "INSERT INTO data_keys (id, kind, owner, wrapped_by, wrapped, created_at)"
+            " VALUES (?,?,?,?,?,?) ON CONFLICT (kind, owner) WHERE wrapped IS NOT NULL"
+            " DO NOTHING RETURNING id",
+            (key.id, kind, owner, by, wrapped, self.now),
+        )
+        return row is not None
+
+    async def _seal(self, run_id: str, seq: int, kind: str, text: str | None) -> str | None:
+        if text is None or self.keys is None:
+            return text
+        key = await self._key(run_id)
+        return text if key is None else payloads.Keyring.seal(key, run_id, seq, kind, text)
+
+    async def _open(self, run_id: str, seq: int, kind: str, stored: str | None) -> str | None:
+        """A payload read inside a transaction, as plaintext JSON text."""
+        if stored is None or not stored.startswith(payloads.PREFIX):
+            return stored
+        found = await sql_payloads.load(self.keys, self._all, self._list, [run_id])
+        return found.text(run_id, seq, kind, stored)
+
+    async def _seal_rows(self, run_id: str, rows: Sequence[StepRow]) -> Sequence[StepRow]:
+        ring = self.keys
+        if ring is None or not rows:
+            return rows
+        key = ring.cached(run_id) or await self._key(run_id)  # the cache: no coroutine
+        if key is None:
+            return rows
+        seal = payloads.Keyring.seal
+        out: list[StepRow] = []
+        for r in rows:  # built directly: dataclasses.replace costs more than the sealing
+            if r.output is None and r.error is None:
+                out.append(r)
+                continue
+            out.append(
+                StepRow(
+                    r.seq,
+                    r.name,
+                    r.kind,
+                    r.status,
+                    None if r.output is None else seal(key, run_id, r.seq, "step.output", r.output),
+                    None if r.error is None else seal(key, run_id, r.seq, "step.error", r.error),
+                    r.attempts,
+                    r.started_at,
+                    r.finished_at,
+                )
+            )
+        return out
+
     def audit(self, action: str, subject: str, data: Any, actor: str | None = None) -> None:
         """Append an audit record when this transaction commits (`seal_audit`)."""
         self.events.append(audit.AuditEvent(actor or self.actor, action, subject, data))
 
     def _audit_rows(self, run_id: str, rows: Sequence[StepRow]) -> None:
+        """Audit step rows as stored (their payloads sealed: the digests are of ciphertext)."""
         for r in rows:
-            self.events.append(
-                audit.AuditEvent(
-                    self.actor,
-                    "step.recorded" if r.status != "pending" else "step.waiting",
-                    "run:" + run_id,
-                    {
-                        "seq": r.seq,
-                        "name": r.name,
-                        "kind": r.kind,
-                        "status": r.status,
-                        "output_sha256": audit.digest(r.output),
-                        "error_sha256": audit.digest(r.error),
-                    },
-                )
+            self._audit_step(run_id, r.seq, r.name, r.kind, r.status, r.output, r.error)
+
+    def _audit_step(
+        self,
+        run_id: str,
+        seq: int,
+        name: str,
+        kind: str,
+        status: str,
+        output: str | None,
+        error: str | None,
+    ) -> None:
+        self.events.append(
+            audit.AuditEvent(
+                self.actor,
+                "step.recorded" if status != "pending" else "step.waiting",
+                "run:" + run_id,
+                {
+                    "seq": seq,
+                    "name": name,
+                    "kind": kind,
+                    "status": status,
+                    "output_sha256": audit.digest(output),
+                    "error_sha256": audit.digest(error),
+                },
             )
+        )
 
     async def seal_audit(self) -> None:
         """Chain the audit records of this transaction after the head, under the head's
@@ -267,6 +365,7 @@ class SqlTx(base.Tx):
     async def _write_rows(
         self, run_id: str, rows: Sequence[StepRow], versions: dict[str, int]
     ) -> None:
+        rows = await self._seal_rows(run_id, rows)
         if len(rows) == 1:
             await self._run(INSERT_STEP, _step_params(run_id, rows[0]))
         elif rows:
@@ -279,10 +378,15 @@ class SqlTx(base.Tx):
                 [(run_id, k, v) for k, v in versions.items()],
             )
 
-    async def _deliver(self, run_id: str, name: str, payload: str | None) -> None:
+    async def _deliver(self, run_id: str, name: str, payload: str | None) -> str | None:
+        """Store a signal (its payload sealed) and wake the run; returns what was stored."""
         row = await self._one(
             "SELECT status, waiting_for, queue FROM runs WHERE id = ?{update}", (run_id,)
         )
+        try:
+            payload = await self._seal(run_id, 0, "signal:" + name, payload)
+        except Fenced:  # the run's payloads were erased: nothing of this one is kept either
+            payload = payloads.erased_text("the run's payloads were erased")
         await self._run(
             "INSERT INTO signals (run_id, name, payload, sent_at) VALUES (?,?,?,?)",
             (run_id, name, payload, self.now),
@@ -294,6 +398,7 @@ class SqlTx(base.Tx):
                 (self.now, self.now, run_id),
             )
             await self.notify(row[2])
+        return payload
 
     async def _notify_parent(
         self,
@@ -323,13 +428,18 @@ class SqlTx(base.Tx):
                 )
                 await self._deliver(parent_id, CHILD_SIGNAL + run_id, payload)
 
-    async def _cancel_tree(self, run_id: str, error: str) -> RunStatus:
+    async def _cancel_tree(self, run_id: str, error: str, *, seal: bool = True) -> RunStatus:
+        """Cancel a run and its unfinished children with ``error`` (plaintext JSON; kept
+        unsealed when ``seal`` is False: the reason of an erasure, readable afterwards)."""
         row = await self._one("SELECT status FROM runs WHERE id = ?{update}", (run_id,))
         if row is None:
             raise errors.RunNotFound(run_id)
         status = RunStatus(row[0])
         if status.finished:
             return status
+        plain = error
+        if seal:
+            error = await self._seal(run_id, 0, "error", error) or error
         if status is RunStatus.RUNNING:
             await self._run(
                 "UPDATE runs SET cancel_requested = 1, error = ?, updated_at = ? WHERE id = ?",
@@ -344,7 +454,7 @@ class SqlTx(base.Tx):
                 (error, self.now, self.now, run_id),
             )
             await self._close_tasks(run_id)
-            await self._notify_parent(run_id, "cancelled", None, error)
+            await self._notify_parent(run_id, "cancelled", None, plain)
             result = RunStatus.CANCELLED
         self.audit(
             "run.cancelled" if result is RunStatus.CANCELLED else "run.cancel_requested",
@@ -354,8 +464,30 @@ class SqlTx(base.Tx):
         for (child_id,) in await self._all(
             f"SELECT id FROM runs WHERE parent_id = ? AND status IN {_ACTIVE}", (run_id,)
         ):
-            await self._cancel_tree(child_id, error)
+            await self._cancel_tree(child_id, plain, seal=seal)
         return result
+
+    async def _cancel_erased(self, run_id: str, reason: str) -> None:
+        """End a run whose data key was destroyed, whatever its status: it must never
+        resume on payloads it can no longer read. Its children go with it."""
+        error = erased_error(reason)
+        row = await self._one(
+            "UPDATE runs SET status = 'cancelled', error = ?, due_at = NULL, lease_owner = NULL,"
+            " waiting_for = NULL, cancel_requested = 1, finished_at = ?, updated_at = ?"
+            f" WHERE id = ? AND status IN {_ACTIVE} RETURNING parent_id",
+            (error, self.now, self.now, run_id),
+        )
+        if row is None:
+            return
+        if self.keys is not None:
+            self.keys.forget([run_id])
+        await self._close_tasks(run_id)
+        self.audit("run.cancelled", "run:" + run_id, {"reason": "payloads erased"})
+        for (child_id,) in await self._all(
+            f"SELECT id FROM runs WHERE parent_id = ? AND status IN {_ACTIVE}", (run_id,)
+        ):
+            await self._cancel_erased(child_id, reason)
+        await self._notify_parent(run_id, "cancelled", None, error, row[0])
 
     async def _close_tasks(self, run_id: str) -> None:
         """A run that ends leaves none of its tasks open in anyone's inbox."""
@@ -386,14 +518,33 @@ class SqlTx(base.Tx):
                 if run.debounce_ms is not None:  # the latest start wins and waits again
                     await self._run(
                         "UPDATE runs SET input = ?, due_at = ?, updated_at = ? WHERE id = ?",
-                        (run.input, self.now + run.debounce_ms, self.now, row[0]),
+                        (
+                            await self._seal(row[0], 0, "input", run.input),
+                            self.now + run.debounce_ms,
+                            self.now,
+                            row[0],
+                        ),
                     )
                 return row[0], False
         now = run.created_at or self.now
         initiator = run.initiator
-        if initiator is None and run.parent_id is not None:
+        subjects = list(run.subjects)
+        if run.parent_id is not None:  # a child inherits who asked, and whom it is about
             row = await self._one("SELECT initiator FROM runs WHERE id = ?", (run.parent_id,))
-            initiator = None if row is None else row[0]
+            if initiator is None:
+                initiator = None if row is None else row[0]
+            subjects += [
+                r[0]
+                for r in await self._all(
+                    "SELECT subject FROM run_subjects WHERE run_id = ?", (run.parent_id,)
+                )
+            ]
+        subjects = sorted(set(subjects))
+        key: payloads.DataKey | None = None
+        stored_input = run.input
+        if self.keys is not None:
+            key = payloads.Keyring.new_key("run")
+            stored_input = payloads.Keyring.seal(key, run.id, 0, "input", run.input)
         inserted = await self._one(
             "INSERT INTO runs (id, workflow, queue, priority, status, input, idempotency_key,"
             " input_hash, parent_id, parent_seq, due_at, created_at, updated_at,"
@@ -405,9 +556,9 @@ class SqlTx(base.Tx):
                 run.workflow,
                 run.queue,
                 run.priority,
-                run.input,
+                stored_input,
                 run.idempotency_key,
-                run.input_hash,
+                await self._input_hash(run),
                 run.parent_id,
                 run.parent_seq,
                 run.due_at or now,
@@ -424,13 +575,15 @@ class SqlTx(base.Tx):
             if existing is None:
                 raise errors.StoreError(f"Could not create run {run.id}: it conflicts.")
             return existing, False
+        if key is not None or subjects:  # the run's key commits with the run
+            await self._store_run_key(run.id, key, subjects)
         self.audit(
             "run.started",
             "run:" + run.id,
             {
                 "workflow": run.workflow,
                 "queue": run.queue,
-                "input_sha256": audit.digest(run.input),
+                "input_sha256": audit.digest(stored_input),
                 "idempotency_key": run.idempotency_key,
                 "parent_id": run.parent_id,
                 "initiator": initiator,
@@ -439,6 +592,73 @@ class SqlTx(base.Tx):
         await self.notify(run.queue)
         return run.id, True
 
+    async def _store_run_key(
+        self, run_id: str, key: payloads.DataKey | None, subjects: Sequence[str]
+    ) -> None:
+        """Write a run's subjects and its data key (wrapped by its subjects' keys, if it
+        has subjects, else by the master key; None: encryption is off)."""
+        if subjects:
+            await self._many(
+                "INSERT INTO run_subjects (run_id, subject) VALUES (?,?) ON CONFLICT DO NOTHING",
+                [(run_id, s) for s in subjects],
+            )
+        if key is None or self.keys is None:
+            return
+        subject_keys = [await self._subject_key(s) for s in subjects]
+        await self._insert_key(key, "run", run_id, subject_keys)
+        self.keys.remember(run_id, key)
+
+    async def _subject_key(self, subject: str) -> payloads.DataKey:
+        """The live key of a data subject, created on first use (after an erasure, a new
+        one: what was sealed before stays gone)."""
+        assert self.keys is not None
+        for _ in range(3):
+            row = await self._one(
+                "SELECT id, wrapped_by, wrapped FROM data_keys WHERE kind = 'subject'"
+                " AND owner = ? AND wrapped IS NOT NULL",
+                (subject,),
+            )
+            if row is not None:
+                return self.keys.unwrap(row[0], "subject", subject, row[1], row[2])
+            key = payloads.Keyring.new_key("subject")
+            if await self._insert_key(key, "subject", subject):
+                return key
+        raise errors.StoreError(f"Could not create the data key of subject {subject!r}.")
+
+    async def _input_hash(self, run: NewRun) -> str | None:
+        """What identifies an idempotent start's input: a keyed hash (HMAC under the
+        store's index key), never a plain hash that a guess could confirm."""
+        if run.input_hash is None or self.keys is None:
+            return run.input_hash
+        await self._load_index()
+        return self.keys.keyed_hash(run.input)
+
+    async def keyed_digest(self, digest: str | None) -> str | None:
+        """A digest of plaintext made fit for the audit: keyed (HMAC-SHA256 under the
+        index key), so a guess of low-entropy personal data cannot be confirmed by it."""
+        if digest is None or self.keys is None:
+            return digest
+        await self._load_index()
+        return "hmac:" + self.keys.keyed_hash(digest)
+
+    async def _load_index(self) -> None:
+        """Load (or create) the store's index key into the keyring."""
+        ring = self.keys
+        assert ring is not None
+        if ring.index is None:
+            for _ in range(3):
+                row = await self._one(
+                    "SELECT id, wrapped_by, wrapped FROM data_keys WHERE kind = 'index'"
+                    " AND owner = '' AND wrapped IS NOT NULL"
+                )
+                if row is not None:
+                    ring.index = ring.unwrap(row[0], "index", "", row[1], row[2])
+                    break
+                key = payloads.Keyring.new_key("index")
+                if await self._insert_key(key, "index", ""):
+                    ring.index = key
+                    break
+
     async def _by_key(self, run: NewRun) -> str | None:
         row = await self._one(
             "SELECT id, workflow, input_hash FROM runs WHERE idempotency_key = ?",
@@ -446,7 +666,8 @@ class SqlTx(base.Tx):
         )
         if row is None:
             return None
-        if row[1] != run.workflow or (run.input_hash is not None and row[2] != run.input_hash):
+        expected = await self._input_hash(run)
+        if row[1] != run.workflow or (expected is not None and row[2] != expected):
             raise errors.IdempotencyConflict(
                 f"Idempotency key {run.idempotency_key!r} was already used by run "
                 f"{row[0]} of workflow {row[1]!r} with "
@@ -461,14 +682,40 @@ class SqlTx(base.Tx):
     ) -> None:
         if len(rows) == 1 and not versions:
             # The hot path (one step result): the fence is folded into the insert, and
-            # checked apart only when the insert was refused.
+            # checked apart only when the insert was refused. The result is sealed in
+            # place, with the run's key from memory (no row copies, no round trip).
+            r = rows[0]
+            output, error = r.output, r.error
+            ring = self.keys
+            if ring is not None and (output is not None or error is not None):
+                key = ring.cached(run_id) or await self._key(run_id)
+                if key is not None:
+                    seal = payloads.Keyring.seal
+                    if output is not None:
+                        output = seal(key, run_id, r.seq, "step.output", output)
+                    if error is not None:
+                        error = seal(key, run_id, r.seq, "step.error", error)
             changed = await self._run(
-                INSERT_STEP_FENCED, (*_step_params(run_id, rows[0]), run_id, owner)
+                INSERT_STEP_FENCED,
+                (
+                    run_id,
+                    r.seq,
+                    r.name,
+                    r.kind,
+                    r.status,
+                    output,
+                    error,
+                    r.attempts,
+                    r.started_at,
+                    r.finished_at,
+                    run_id,
+                    owner,
+                ),
             )
             if changed != 1:
                 await self._fence(run_id, owner)
                 raise Fenced(run_id)
-            self._audit_rows(run_id, rows)
+            self._audit_step(run_id, r.seq, r.name, r.kind, r.status, output, error)
             return
         await self._fence(run_id, owner)
         await self._write_rows(run_id, rows, versions)
@@ -502,14 +749,11 @@ class SqlTx(base.Tx):
                 await self._run(
                     "UPDATE signals SET consumed_seq = ? WHERE id = ?", (wait.seq, found[0])
                 )
-                payload = found[2]
+                payload = await self._open(run_id, 0, "signal:" + found[1], found[2])
+                plain = payload
                 if wait.kind == "any":
                     payload = (
-                        '{"name":'
-                        + json.dumps(found[1])
-                        + ',"payload":'
-                        + (found[2] or "null")
-                        + "}"
+                        '{"name":' + json.dumps(found[1]) + ',"payload":' + (plain or "null") + "}"
                     )
                 done = StepRow(
                     wait.seq,
@@ -526,7 +770,7 @@ class SqlTx(base.Tx):
                 for name, child_id in (losers or {}).items():
                     if name != found[1]:
                         await self._cancel_tree(child_id, _LOST_RACE)
-                return Resolved(None if found[2] is None else json.loads(found[2]), found[1])
+                return Resolved(None if plain is None else json.loads(plain), found[1])
         if deadline is not None and deadline <= self.now:
             return Expired()
         await self._write_rows(run_id, [wait], {})
@@ -551,26 +795,31 @@ class SqlTx(base.Tx):
     ) -> None:
         parent_id = await self._fence(run_id, owner, allow_cancel=True)
         await self._write_rows(run_id, rows, versions)
+        stored_error: str | None
         if status is RunStatus.CANCELLED and error is None:  # keep the reason cancel() stored
             row = await self._one("SELECT error FROM runs WHERE id = ?", (run_id,))
-            error = (
-                row[0]
-                if row and row[0]
-                else json.dumps({"type": "Cancelled", "message": "cancelled"})
-            )
+            if row and row[0]:
+                stored_error = row[0]
+                error = await self._open(run_id, 0, "error", row[0])
+            else:
+                error = json.dumps({"type": "Cancelled", "message": "cancelled"})
+                stored_error = await self._seal(run_id, 0, "error", error)
+        else:
+            stored_error = await self._seal(run_id, 0, "error", error)
+        stored_output = await self._seal(run_id, 0, "output", output)
         await self._run(
             "UPDATE runs SET status = ?, output = ?, error = ?, failed_seq = ?, due_at = NULL,"
             " lease_owner = NULL, waiting_for = NULL, finished_at = ?, updated_at = ?"
             " WHERE id = ?",
-            (status.value, output, error, failed_seq, self.now, self.now, run_id),
+            (status.value, stored_output, stored_error, failed_seq, self.now, self.now, run_id),
         )
         self.audit(
             "run.finished",
             "run:" + run_id,
             {
                 "status": status.value,
-                "output_sha256": audit.digest(output),
-                "error_sha256": audit.digest(error),
+                "output_sha256": audit.digest(stored_output),
+                "error_sha256": audit.digest(stored_error),
                 "failed_seq": failed_seq,
             },
         )
@@ -601,9 +850,9 @@ class SqlTx(base.Tx):
                 f"Run {run_id} is {row[0]}: only queued, running or waiting runs accept "
                 f"signals (signal {name!r} was not stored)."
             )
-        await self._deliver(run_id, name, payload)
+        stored = await self._deliver(run_id, name, payload)
         self.audit(
-            "signal.sent", "run:" + run_id, {"name": name, "payload_sha256": audit.digest(payload)}
+            "signal.sent", "run:" + run_id, {"name": name, "payload_sha256": audit.digest(stored)}
         )
 
     async def cancel(self, run_id: str, reason: str, kind: str = "Cancelled") -> RunStatus:
@@ -662,6 +911,14 @@ class SqlTx(base.Tx):
         )
         if pending is not None and pending[0] is not None and pending[0] < from_seq:
             from_seq = pending[0]  # a wait not yet over cannot be copied: fork before it
+        # The fork gets a key of its own (about the same subjects): its payloads are opened
+        # and sealed again for their new rows.
+        stored_input = row[3]
+        key: payloads.DataKey | None = None
+        if self.keys is not None:
+            plain_input = await self._open(run_id, 0, "input", row[3]) or "null"
+            key = payloads.Keyring.new_key("run")
+            stored_input = payloads.Keyring.seal(key, new_id, 0, "input", plain_input)
         await self._run(
             "INSERT INTO runs (id, workflow, queue, priority, status, input, concurrency_key,"
             " forked_from, forked_seq, due_at, created_at, updated_at)"
@@ -671,7 +928,7 @@ class SqlTx(base.Tx):
                 row[0],
                 row[1],
                 row[2],
-                row[3],
+                stored_input,
                 row[4],
                 run_id,
                 from_seq,
@@ -680,11 +937,39 @@ class SqlTx(base.Tx):
                 self.now,
             ),
         )
-        await self._run(
-            f"INSERT INTO steps ({_STEP_COLUMNS}) SELECT ?, seq, name, kind, status, output,"
-            " error, attempts, started_at, finished_at FROM steps WHERE run_id = ? AND seq < ?",
-            (new_id, run_id, from_seq),
-        )
+        subjects = [
+            r[0]
+            for r in await self._all("SELECT subject FROM run_subjects WHERE run_id = ?", (run_id,))
+        ]
+        await self._store_run_key(new_id, key, subjects)
+        if key is None:
+            await self._run(
+                f"INSERT INTO steps ({_STEP_COLUMNS}) SELECT ?, seq, name, kind, status, output,"
+                " error, attempts, started_at, finished_at FROM steps WHERE run_id = ? AND seq < ?",
+                (new_id, run_id, from_seq),
+            )
+        else:
+            found = await sql_payloads.load(self.keys, self._all, self._list, [run_id])
+            copied = [
+                StepRow(
+                    r[1],
+                    r[2],
+                    r[3],
+                    r[4],
+                    found.text(run_id, r[1], "step.output", r[5]),
+                    found.text(run_id, r[1], "step.error", r[6]),
+                    r[7],
+                    r[8],
+                    r[9],
+                )
+                for r in await self._all(
+                    f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? AND seq < ? ORDER BY seq",
+                    (run_id, from_seq),
+                )
+            ]
+            sealed = await self._seal_rows(new_id, copied)
+            if sealed:
+                await self._many(INSERT_STEP, [_step_params(new_id, r) for r in sealed])
         await self._run(
             "INSERT INTO versions (run_id, change_id, version)"
             " SELECT ?, change_id, version FROM versions WHERE run_id = ?",
@@ -801,13 +1086,33 @@ class SqlTx(base.Tx):
             for r in rows
         }
         if claimed:
+            keys = await sql_payloads.load(self.keys, self._all, self._list, list(claimed))
+            if self.keys is not None:  # the store is the truth: drop keys it does not hold
+                self.keys.forget([r for r in claimed if r not in keys.by_run])
+            for run_id, got in keys.by_run.items():
+                if isinstance(got, str):  # erased meanwhile: it never runs on garbage
+                    await self._cancel_erased(run_id, got)
+                    del claimed[run_id]
+                else:
+                    self.keys.remember(run_id, got)  # type: ignore[union-attr]
+            if not claimed:
+                return []
             ids = self._list(list(claimed))
+            for c in claimed.values():
+                c.input = keys.text(c.id, 0, "input", c.input) or "null"
             for r in await self._all(
                 "SELECT run_id, seq, name, kind, status, output, error, started_at FROM steps"
                 " WHERE run_id" + IN_LIST,
                 (ids,),
             ):
-                claimed[r[0]].history[r[1]] = HistoryRow(r[2], r[3], r[4], r[5], r[6], r[7])
+                claimed[r[0]].history[r[1]] = HistoryRow(
+                    r[2],
+                    r[3],
+                    r[4],
+                    keys.text(r[0], r[1], "step.output", r[5]),
+                    keys.text(r[0], r[1], "step.error", r[6]),
+                    r[7],
+                )
             for r in await self._all(
                 "SELECT run_id, change_id, version FROM versions WHERE run_id" + IN_LIST, (ids,)
             ):
@@ -954,9 +1259,23 @@ class SqlStore(base.Store):
         )
         return bool(rows)
 
+    keys: payloads.Keyring | None = None
+    """Master keys and cached data keys (`open` loads them; None: encryption off)."""
+
+    def _load_keys(self) -> None:
+        """Load the master keys (creating the key file on first start), once."""
+        if self.keys is None and not getattr(self, "_keys_loaded", False):
+            masters = payloads.load_master_keys(self.url)
+            self.keys = None if masters is None else payloads.Keyring(masters)
+            self._keys_loaded = True
+
+    async def run_keys(self, run_ids: Sequence[str]) -> sql_payloads.RunKeys:
+        """The current data keys of some runs, to open their payloads."""
+        return await sql_payloads.load(self.keys, self._read, self._list, run_ids)
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         rows = await self._read(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,))
-        return run_from_row(rows[0]) if rows else None
+        return run_from_row(rows[0], await self.run_keys([run_id])) if rows else None
 
     async def get_status(self, run_id: str) -> RunStatus | None:
         rows = await self._read("SELECT status FROM runs WHERE id = ?", (run_id,))
@@ -989,7 +1308,8 @@ class SqlStore(base.Store):
             " ORDER BY created_at DESC, id DESC LIMIT ?",
             (*params, limit + 1),
         )
-        items = [run_from_row(r) for r in rows[:limit]]
+        keys = await self.run_keys([r[0] for r in rows[:limit]])
+        items = [run_from_row(r, keys) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
             last = rows[limit - 1]
@@ -1000,6 +1320,7 @@ class SqlStore(base.Store):
         rows = await self._read(
             f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? ORDER BY seq", (run_id,)
         )
+        keys = await self.run_keys([run_id])
         return [
             StepRecord(
                 run_id=r[0],
@@ -1007,8 +1328,8 @@ class SqlStore(base.Store):
                 name=r[2],
                 kind=r[3],
                 status=r[4],
-                output=None if r[5] is None else json.loads(r[5]),
-                error=None if r[6] is None else json.loads(r[6]),
+                output=keys.json(run_id, r[1], "step.output", r[5]),
+                error=keys.json(run_id, r[1], "step.error", r[6]),
                 attempts=r[7],
                 started_at=base.ms_to_dt(r[8]),  # type: ignore[arg-type]
                 finished_at=base.ms_to_dt(r[9]),
@@ -1032,6 +1353,17 @@ class SqlStore(base.Store):
             "SELECT name FROM schedules WHERE paused = 0 AND next_tick <= ?", (base.now_ms(),)
         )
         return [r[0] for r in rows]
+
+
+def erased_error(reason: str) -> str:
+    """The error of a run cancelled because its payloads were erased (stored unsealed)."""
+    return json.dumps(
+        {
+            "type": "PayloadsErased",
+            "message": f"{reason}: the run's payloads are gone, so it was cancelled "
+            "rather than resumed.",
+        }
+    )
 
 
 def encode_cursor(created_at: int, run_id: str) -> str:

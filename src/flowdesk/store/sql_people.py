@@ -57,6 +57,7 @@ class PeopleTx(sql.SqlTx):
             "groups": list(task.groups),
             "roles": list(task.roles),
         }
+        context = await self._seal(task.run_id, task.seq, "task.context", task.context)
         await self._run(
             "INSERT INTO tasks (id, run_id, seq, kind, title, status, priority, labels,"
             " form_schema, form_ref, context, candidates, assignee, initiator, four_eyes,"
@@ -73,7 +74,7 @@ class PeopleTx(sql.SqlTx):
                 json.dumps(list(task.labels)),
                 task.form_schema,
                 task.form_ref,
-                task.context,
+                context,
                 json.dumps(candidates),
                 assignee,
                 initiator,
@@ -98,7 +99,7 @@ class PeopleTx(sql.SqlTx):
                 "assignee": assignee,
                 "four_eyes": task.four_eyes,
                 "due_at": task.due_at,
-                "context_sha256": audit.digest(task.context),
+                "context_sha256": audit.digest(context),
             },
         )
         return True
@@ -210,10 +211,12 @@ class PeopleTx(sql.SqlTx):
                 )
             self._four_eyes(task_id, row, who.id)
         run_id = str(row[5])
+        task_seq = await self._one("SELECT seq FROM tasks WHERE id = ?", (task_id,))
+        result = await self._seal(run_id, task_seq[0] if task_seq else 0, "task.result", data)
         await self._run(
             "UPDATE tasks SET status = 'completed', result = ?, completed_by = ?,"
             " completed_at = ?, escalate_at = NULL, draft = NULL, updated_at = ? WHERE id = ?",
-            (data, who.id, self.now, self.now, task_id),
+            (result, who.id, self.now, self.now, task_id),
         )
         await self._task_event(task_id, "completed", {"by": who.id, "auto": auto})
         run = await self._one("SELECT status FROM runs WHERE id = ?", (run_id,))
@@ -231,7 +234,7 @@ class PeopleTx(sql.SqlTx):
         self.audit(
             "task.completed",
             "task:" + task_id,
-            {"by": who.id, "auto": auto, "result_sha256": audit.digest(data), "run_id": run_id},
+            {"by": who.id, "auto": auto, "result_sha256": audit.digest(result), "run_id": run_id},
         )
         return run_id
 
@@ -276,8 +279,11 @@ class PeopleTx(sql.SqlTx):
             row[1] is not None and row[1] != who.id and not who.privileged
         ):
             raise errors.PermissionDenied(f"{who.id} cannot edit the form of task {task_id}.")
+        where = await self._one("SELECT run_id, seq FROM tasks WHERE id = ?", (task_id,))
+        assert where is not None  # _task_row found it
+        sealed = await self._seal(where[0], where[1], "task.draft", draft)
         await self._run(
-            "UPDATE tasks SET draft = ?, updated_at = ? WHERE id = ?", (draft, self.now, task_id)
+            "UPDATE tasks SET draft = ?, updated_at = ? WHERE id = ?", (sealed, self.now, task_id)
         )
 
     async def escalate_task(self, task_id: str, level: int) -> people.Escalated | None:
@@ -521,7 +527,9 @@ class PeopleStore(sql.SqlStore):
 
     async def get_task(self, task_id: str) -> people.TaskRecord | None:
         rows = await self._read(f"SELECT {people.TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
-        return people.task_from_row(rows[0]) if rows else None
+        if not rows:
+            return None
+        return people.task_from_row(rows[0], await self.run_keys([rows[0][1]]))
 
     async def list_tasks(self, q: people.TaskQuery) -> people.TaskPage:
         where = ["1 = 1"]
@@ -574,7 +582,8 @@ class PeopleStore(sql.SqlStore):
             " ORDER BY created_at DESC, id DESC LIMIT ?",
             (*params, limit + 1),
         )
-        items = [people.task_from_row(r) for r in rows[:limit]]
+        keys = await self.run_keys([r[1] for r in rows[:limit]])
+        items = [people.task_from_row(r, keys) for r in rows[:limit]]
         cursor = None
         if len(rows) > limit:
             cursor = sql.encode_cursor(rows[limit - 1][23], rows[limit - 1][0])

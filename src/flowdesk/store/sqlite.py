@@ -27,7 +27,16 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from flowdesk import errors
-from flowdesk.store import base, migrations, sql, sql_models, sql_observe, sql_people, sql_ui
+from flowdesk.store import (
+    base,
+    migrations,
+    sql,
+    sql_models,
+    sql_observe,
+    sql_people,
+    sql_privacy,
+    sql_ui,
+)
 
 __all__ = ["SQLiteStore", "parse_url"]
 
@@ -54,7 +63,13 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
     return path, options
 
 
-class _Tx(sql_models.ModelsTx, sql_observe.ObserveTx, sql_ui.UiTx, sql_people.PeopleTx):
+class _Tx(
+    sql_models.ModelsTx,
+    sql_observe.ObserveTx,
+    sql_ui.UiTx,
+    sql_people.PeopleTx,
+    sql_privacy.PrivacyTx,
+):
     def __init__(self, conn: sqlite3.Connection, now: int) -> None:
         super().__init__(now)
         self.c = conn
@@ -93,7 +108,11 @@ def _check_folder(path: str) -> None:
 
 
 class SQLiteStore(
-    sql_models.ModelsStore, sql_observe.ObserveStore, sql_ui.UiStore, sql_people.PeopleStore
+    sql_models.ModelsStore,
+    sql_observe.ObserveStore,
+    sql_ui.UiStore,
+    sql_people.PeopleStore,
+    sql_privacy.PrivacyStore,
 ):
     def __init__(self, url: str, *, busy_seconds: float = 60.0) -> None:
         self.url = url
@@ -134,6 +153,11 @@ class SQLiteStore(
                 f"{self.path!r} is not a flowdesk database (SQLite says: {exc}). "
                 "Point FLOWDESK_DATABASE_URL at a new file or at a flowdesk database."
             ) from exc
+        except BaseException:
+            conn.close()
+            raise
+        try:  # once the file is known to be flowdesk's: no key file beside anyone else's
+            self._load_keys()
         except BaseException:
             conn.close()
             raise
@@ -179,6 +203,7 @@ class SQLiteStore(
             await self._retry(lambda: conn.execute("BEGIN IMMEDIATE"))
             try:
                 tx = _Tx(conn, base.now_ms())
+                tx.keys = self.keys
                 yield tx
                 _drive(tx.seal_audit())
                 conn.execute("COMMIT")
@@ -222,6 +247,7 @@ class SQLiteStore(
         """Apply operations inside the open transaction, then commit. SQLite operations
         never suspend, so each coroutine is driven to its end in place."""
         tx = _Tx(conn, base.now_ms())
+        tx.keys = self.keys
         results: list[Any] = []
         single = len(work) == 1
         try:
