@@ -527,8 +527,11 @@ async def test_runs_list_filters_and_a_failed_runs_timeline(env):
         assert waiting in by_flow.text and broken.id not in by_flow.text
         page = await olga.get(f"/ui/runs/{broken.id}")
         text = text_of(page)
-        assert "RuntimeError: the ledger refused the posting" in text
-        assert "Traceback" in text and "ui_test.boom" in text
+        # Without payload:read an operator sees what failed, not the failure's payload.
+        assert "RuntimeError" in text and "ui_test.boom" in text
+        assert "the ledger refused the posting" not in text
+        assert 'File "' not in text  # no line of the traceback either
+        assert "needs the payload:read permission" in text
         token = csrf_of(page)
         before = (await env.app.get_run(broken.id)).attempts
         r = await olga.post(f"/ui/runs/{broken.id}/retry", data={"csrf": token})
@@ -551,6 +554,12 @@ async def test_runs_list_filters_and_a_failed_runs_timeline(env):
         )
         assert r.status_code == 303
         await env.wait_status(env.app, waiting, RunStatus.CANCELLED)
+    # An admin holds payload:read: the error and its traceback, and the read is audited.
+    async with signed_in(env, "root") as root:
+        text = text_of(await root.get(f"/ui/runs/{broken.id}"))
+        assert "RuntimeError: the ledger refused the posting" in text and "Traceback" in text
+    reads = [r for r in await env.app.store.audit_rows(0, 100_000) if r[3] == "payload.read"]
+    assert reads and reads[-1][2] == "root" and reads[-1][4] == f"run:{broken.id}"
 
 
 async def test_model_calls_show_on_the_run_and_the_dashboard(env):

@@ -282,8 +282,17 @@ def test_review_an_invoice_then_see_its_run_finish(browser: Browser, site: Site)
     page.locator("#runs [data-row-link]").first.click()
     expect(page.locator("#run-status")).to_have_text("succeeded")
     expect(page.locator(".timeline")).to_contain_text("task:invoice-review")
-    expect(page.get_by_role("region", name="Output")).to_contain_text("Dextal SARL (corrected)")
+    # an operator without payload:read sees the run's output masked
+    output = page.get_by_role("region", name="Output")
+    expect(output).to_contain_text("needs the payload:read permission")
     expect(page.get_by_role("button", name="Send signal")).to_be_visible()
+    run_url = page.url
+    page.context.close()
+
+    # an admin (payload:read) sees it decrypted
+    page = sign_in(browser, site, "root")
+    page.goto(run_url)
+    expect(page.get_by_role("region", name="Output")).to_contain_text("Dextal SARL (corrected)")
     shot(page, "07-run")
 
     page.goto(site.url + "/ui/dashboard")

@@ -92,7 +92,7 @@ PrivacyErase = Annotated[people.UserRecord, Depends(need("privacy:erase"))]
 PayloadRead = Annotated[people.UserRecord, Depends(need("payload:read"))]
 
 
-async def _revealed(
+async def revealed(
     svc: Services, user: people.UserRecord, run_ids: list[str], what: str, **extra: Any
 ) -> bool:
     """Whether ``user`` sees decrypted payloads (``payload:read``); if so, the read is
@@ -276,7 +276,7 @@ async def list_runs(
     page = await svc.app.list_runs(
         status=status, workflow=workflow, limit=limit, cursor=checked_cursor(cursor)
     )
-    shown = await _revealed(svc, user, [r.id for r in page.items], "runs")
+    shown = await revealed(svc, user, [r.id for r in page.items], "runs")
     return s.RunPage(
         items=[s.RunOut.of(r, masked=not shown) for r in page.items], next_cursor=page.next_cursor
     )
@@ -288,7 +288,7 @@ async def list_runs(
 async def get_run(run_id: RunId, svc: Svc, user: RunsRead) -> s.RunOut:
     """The run; its input, output and error need ``payload:read`` (else masked)."""
     run = await svc.app.get_run(run_id)
-    return s.RunOut.of(run, masked=not await _revealed(svc, user, [run_id], "run"))
+    return s.RunOut.of(run, masked=not await revealed(svc, user, [run_id], "run"))
 
 
 @router.get(
@@ -302,7 +302,7 @@ async def run_steps(run_id: RunId, svc: Svc, user: RunsRead) -> list[s.StepOut]:
     """Recorded steps, sleeps, waits, children and tasks, in order (results and errors
     need ``payload:read``, else masked)."""
     steps = await svc.app.steps(run_id)
-    shown = await _revealed(svc, user, [run_id], "steps")
+    shown = await revealed(svc, user, [run_id], "steps")
     return [s.StepOut.of(step, masked=not shown) for step in steps]
 
 
@@ -338,7 +338,7 @@ async def cancel_run(
     reason = body.reason if body is not None and body.reason else f"cancelled by {user.id}"
     await svc.app.cancel(run_id, reason)
     run = await svc.app.get_run(run_id)
-    return s.RunOut.of(run, masked=not await _revealed(svc, user, [run_id], "run"))
+    return s.RunOut.of(run, masked=not await revealed(svc, user, [run_id], "run"))
 
 
 @router.post(
@@ -351,7 +351,7 @@ async def retry_run(run_id: RunId, svc: Svc, user: RunsWrite) -> s.RunOut:
     """Resume a failed run from its failed step."""
     await svc.app.retry(run_id)
     run = await svc.app.get_run(run_id)
-    return s.RunOut.of(run, masked=not await _revealed(svc, user, [run_id], "run"))
+    return s.RunOut.of(run, masked=not await revealed(svc, user, [run_id], "run"))
 
 
 # -- tasks -----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ page needs ``audit:read``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -17,6 +18,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from flowdesk import errors
+from flowdesk.server import api, schemas
 from flowdesk.server.ui import dashboard as dashboard_mod
 from flowdesk.server.ui.pages import (
     AuditRead,
@@ -74,18 +76,33 @@ async def runs_page(
 
 @router.get("/runs/{run_id}")
 async def run_page(request: Request, run_id: RunId, ui: State, session: RunsRead) -> Response:
-    return render(request, "run.html", session, **await _run_view(ui.services.app, run_id))
+    return render(request, "run.html", session, **await _run_view(ui, session, run_id))
 
 
 @router.get("/runs/{run_id}/timeline")
 async def run_timeline(request: Request, run_id: RunId, ui: State, session: RunsRead) -> Response:
     """The live part of the run page (polled while the run is active)."""
-    return render(request, "_run_live.html", session, **await _run_view(ui.services.app, run_id))
+    return render(request, "_run_live.html", session, **await _run_view(ui, session, run_id))
 
 
-async def _run_view(app: Any, run_id: str) -> dict[str, Any]:
+async def _run_view(ui: Any, session: Any, run_id: str) -> dict[str, Any]:
+    """What the run page shows. Its input, output, step results and errors are shown
+    decrypted only to holders of ``payload:read`` (each such view is audited, as in the
+    API); others see them masked. Erased payloads show as erased to everyone."""
+    app = ui.services.app
     run = await app.get_run(run_id)
     steps = await app.steps(run_id)
+    if not await api.revealed(ui.services, session.user, [run_id], "run page"):
+        run = dataclasses.replace(
+            run,
+            input=schemas.mask(run.input),
+            output=schemas.mask(run.output),
+            error=schemas.mask_error(run.error),
+        )
+        steps = [
+            dataclasses.replace(s, output=schemas.mask(s.output), error=schemas.mask_error(s.error))
+            for s in steps
+        ]
     calls: dict[int | None, list[sql_ui.ModelSample]] = {}
     for seq, call in await sql_ui.ui_store(app.store).run_model_calls(run_id):
         calls.setdefault(seq, []).append(call)
@@ -158,7 +175,7 @@ async def run_action(
     except (errors.InvalidState, errors.Conflict, errors.ConfigurationError) as exc:
         message = exc.message
     if message is not None:
-        view = await _run_view(app, run_id)
+        view = await _run_view(ui, session, run_id)
         return render(request, "run.html", session, status=409, message=message, **view)
     root = request.scope.get("root_path", "")
     return redirect(request, f"{root}/runs/{quote(run_id)}")
