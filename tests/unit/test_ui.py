@@ -625,3 +625,15 @@ async def test_dashboard_and_audit_pages(env):
         )
         verdict = await olga.post("/ui/audit/verify", data={"csrf": csrf_of(audit)})
         assert "The chain is broken at record #2" in text_of(verdict)
+
+
+async def test_an_erased_subjects_run_shows_its_metadata_and_erased_payloads(env):
+    from flowdesk.governance import privacy
+
+    broken = await env.app.start("ui_test.broken", subjects=["customer:9"])
+    await env.wait_status(env.app, broken.id, RunStatus.FAILED)
+    await privacy.erase(env.app, "customer:9", reason="request 17", actor="root")
+    async with signed_in(env, "root") as root:
+        text = text_of(await root.get(f"/ui/runs/{broken.id}"))
+    assert "ui_test.broken" in text and "failed" in text and "ui_test.boom" in text
+    assert "$erased" in text and "the ledger refused the posting" not in text
