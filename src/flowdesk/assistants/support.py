@@ -26,6 +26,12 @@ Each message goes through:
    the priority's SLA and reassigned to ``escalate_to`` when overdue) when the message is
    out of scope, the gateway says a person should decide, or the priority is high.
 
+A customer who asks for a person ("human", "agent", "person", ...: `asks_for`) is handed to
+one, and one who asks for a ticket gets one, whatever the classifier says. Each message's
+outcome is recorded as the step ``support.outcome``, so a conversation still in progress
+can be read back from its timeline (`Support.runs` lists a thread's conversations: the web
+chat rebuilds its transcript from them).
+
 No language model is involved anywhere.
 """
 
@@ -47,8 +53,9 @@ from flowdesk.engine import tasks
 from flowdesk.engine.app import App
 from flowdesk.engine.context import Context, current_step
 from flowdesk.models import pii
+from flowdesk.store import base
 
-__all__ = ["CONVERSATION", "Review", "Support", "priority", "sentiment"]
+__all__ = ["CONVERSATION", "Review", "Support", "asks_for", "priority", "sentiment"]
 
 CONVERSATION = "support.conversation"
 MESSAGE = "message"
@@ -73,6 +80,10 @@ HIGH_RISK_INTENTS = frozenset(
         "direct_debit_payment_not_recognised",
     }
 )
+ASK_PERSON = frozenset(
+    "human humans agent agents person people someone somebody representative operator staff".split()
+)
+ASK_TICKET = frozenset("ticket tickets complaint".split())
 DEFAULT_SLA = {"high": 15 * 60.0, "medium": 4 * 3600.0, "low": 24 * 3600.0}
 
 
@@ -100,6 +111,16 @@ def priority(text: str, intent: str, mood: str) -> str:
     if words & URGENT or intent in HIGH_RISK_INTENTS:
         return "high"
     return "medium" if mood == "negative" else "low"
+
+
+def asks_for(text: str) -> Literal["person", "ticket"] | None:
+    """``person`` when the customer asks to talk to one (a word of `ASK_PERSON`, e.g. "can
+    I talk to a human?"), else ``ticket`` when they ask for a ticket (`ASK_TICKET`), else
+    None. Word lists again: a customer who names what they want gets it."""
+    words = set(_WORD.findall(text.lower()))
+    if words & ASK_PERSON:
+        return "person"
+    return "ticket" if words & ASK_TICKET else None
 
 
 class Review(BaseModel):
@@ -165,6 +186,30 @@ class Support:
             return handle.id, handle.created
         raise errors.InvalidState(f"Thread {thread_id}: too many conversations.")
 
+    async def open(self, thread_id: str, customer: str) -> str:
+        """Start the thread's first conversation before any message (a chat window that
+        was just opened); it waits ``idle`` seconds for one. Returns its run id; the same
+        run when called again."""
+        handle = await self.app.start(
+            CONVERSATION,
+            {"thread_id": thread_id, "customer": customer},
+            idempotency_key=f"support-thread:{thread_id}",
+        )
+        return handle.id
+
+    async def runs(self, thread_id: str) -> list[base.RunRecord]:
+        """The thread's conversations, oldest first (empty for an unknown thread), found by
+        the idempotency keys `receive` starts them with."""
+        found: list[base.RunRecord] = []
+        key = f"support-thread:{thread_id}"
+        while len(found) < 1000:
+            run = await self.app.store.run_by_key(key)
+            if run is None:
+                break
+            found.append(run)
+            key = f"support-thread:{thread_id}:after:{run.id}"
+        return found
+
     def _register(self) -> None:
         app = self.app
         handled_total = app.metrics.counter(
@@ -193,11 +238,17 @@ class Support:
             assert info is not None
             return await self.desk.create(row, info.idempotency_key)
 
+        @app.step(name="support.outcome")
+        def record_outcome(result: dict[str, Any]) -> dict[str, Any]:
+            return result  # recorded: the transcript of a running conversation reads it
+
         async def handle(
             ctx: Context, thread_id: str, customer: str, message: dict[str, Any]
         ) -> dict[str, Any]:
             clean: dict[str, Any] = await ctx.step(redact, str(message["text"]))
             text = clean["text"]
+            # Runs already past this point when it was added keep their recorded history.
+            wants = asks_for(text) if ctx.version("customer-asks", 1) else None
             answer = await ctx.model(self.intent_task, text, data="internal", key=thread_id)
             intent = str(answer.label)
             confidence = float(answer.confidence or 0.0)
@@ -231,9 +282,11 @@ class Support:
                 sentiment=mood,
                 text=text,
             )
-            if out_of_scope or answer.escalate or level == "high":
+            if out_of_scope or answer.escalate or level == "high" or wants == "person":
                 why = (
-                    "out of scope"
+                    "customer asked for a person"
+                    if wants == "person"
+                    else "out of scope"
                     if out_of_scope
                     else "high priority"
                     if level == "high"
@@ -261,7 +314,7 @@ class Support:
                 if review.action == "ticket":
                     result["ticket"] = await ctx.step(ticket, row)
                 return result
-            if suggestion is not None and confidence >= self.answer_below:
+            if suggestion is not None and confidence >= self.answer_below and wants is None:
                 result.update(outcome="answered", reply=suggestion)
                 return result
             filed: dict[str, Any] = await ctx.step(ticket, row)
@@ -279,6 +332,8 @@ class Support:
                 # Runs already past this point when it was added keep their recorded history.
                 arrived = ctx.now() if ctx.version("time-to-resolution", 1) else None
                 result = await handle(ctx, thread_id, customer, message)
+                if ctx.version("customer-asks", 1):
+                    await ctx.step(record_outcome, result)
                 handled.append(result)
                 outcome = str(result["outcome"])
                 ctx.metric(handled_total, 1, outcome=outcome, priority=str(result["priority"]))
