@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from test_assistant_support import build, desk, models_toml, ticket_service  # noqa: F401
+from test_assistant_support import build, desk, models_toml, ticket_service  # noqa: F401 (fixtures)
 
 import flowdesk
 from flowdesk.assistants import chat as chat_mod
@@ -48,7 +48,12 @@ def _form_token(html: str) -> str:
 
 
 async def test_a_chat_answers_hands_over_to_a_person_and_survives_a_restart(
-    app, db_url, models_toml, desk, tmp_path: Path, wait_until
+    app,
+    db_url,
+    models_toml,  # noqa: F811 (the fixture)
+    desk,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+    wait_until,
 ) -> None:
     ticket_desk, _ = desk
 
@@ -189,9 +194,10 @@ async def test_a_chat_answers_hands_over_to_a_person_and_survives_a_restart(
 
 async def test_the_chat_is_404_without_the_support_assistant(app, tmp_path: Path) -> None:
     api = server.create_app(app, audit=audit_log.AuditLog(app, tmp_path / "audit.key"))
-    async with app, httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=api), base_url="http://t"
-    ) as client:
+    async with (
+        app,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://t") as client,
+    ):
         page = await client.get("/chat/")
         assert page.status_code == 404 and "support" in page.text
         assert (await client.post("/chat/start")).status_code == 404
