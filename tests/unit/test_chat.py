@@ -108,9 +108,11 @@ async def test_a_chat_answers_hands_over_to_a_person_and_survives_a_restart(
                 "text": "I ordered a card two weeks ago and it still has not arrived",
                 "citations": [],
                 "ticket": None,
+                "drafted": False,
             }
             assert answer["who"] == "assistant" and answer["citations"][0]["id"] == "card-delivery"
             assert answer["citations"][0]["title"] and answer["text"]
+            assert not answer["drafted"]  # no draft_task: the article's own words
             # polling: nothing new, no body
             fragment = await client.get("/chat/transcript", headers=jar)
             assert fragment.status_code == 200 and 'class="msg msg-assistant"' in fragment.text
@@ -201,3 +203,73 @@ async def test_the_chat_is_404_without_the_support_assistant(app, tmp_path: Path
         page = await client.get("/chat/")
         assert page.status_code == 404 and "support" in page.text
         assert (await client.post("/chat/start")).status_code == 404
+
+
+DRAFTING = """
+[providers.llm]
+type = "llama_cpp"
+retries = 0
+
+[models.smollm2]
+provider = "llm"
+model = "smollm2-135m-instruct"
+capabilities = ["generate"]
+
+[tasks.support_reply]
+capability = "generate"
+chain = ["smollm2"]
+max_tokens = 40
+max_answer_chars = 2000
+answer_timeout_s = 60
+"""
+
+
+def drafting_config(base_config: Path, folder: Path) -> Path:
+    """The support test's models config plus the packaged local language model, which
+    drafts replies for the task ``support_reply``."""
+    config = folder / "drafting.toml"
+    config.write_text(base_config.read_text() + DRAFTING)
+    return config
+
+
+async def test_a_drafted_reply_streams_to_the_threads_watchers_and_is_recorded(
+    app,
+    models_toml,  # noqa: F811 (the fixture)
+    desk,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+    wait_until,
+) -> None:
+    ticket_desk, _ = desk
+    support = build(
+        app,
+        drafting_config(models_toml, tmp_path),
+        ticket_desk,
+        idle=3600,
+        draft_task="support_reply",
+    )
+    token = chat_mod.new_token()
+    thread = chat_mod.thread_of(token)
+    assert thread is not None
+    try:
+        async with app, app.worker():
+            await support.open(thread, chat_mod.customer_of(thread))
+            with support.drafts.watching(thread) as pieces:
+                await support.receive(
+                    thread, chat_mod.customer_of(thread), "My new card has not arrived yet"
+                )
+
+                async def answered() -> chat_mod.Transcript | None:
+                    found = await chat_mod.transcript(support, thread)
+                    assert found is not None
+                    return found if found.state == "ready" and len(found.entries) == 2 else None
+
+                done = await wait_until(answered, what="a drafted answer", timeout=60)
+            streamed = ""
+            while not pieces.empty():
+                piece = pieces.get_nowait()
+                streamed = "" if piece.restart else streamed + piece.text
+    finally:
+        await app.gateway.close()  # type: ignore[union-attr]
+    reply = done.entries[1]
+    assert reply.drafted and reply.citations[0].id == "card-delivery"
+    assert reply.text and reply.text == streamed.strip()  # what streamed is what was recorded

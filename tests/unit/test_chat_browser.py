@@ -1,7 +1,8 @@
 """The customer support chat in a real browser (Debian's Chromium through Playwright, as in
 `test_ui_browser`, whose browser fixture and page checks this module reuses).
 
-A customer opens ``/chat``, gets a knowledge-base answer with its sources, asks for a
+A customer opens ``/chat``, gets a knowledge-base answer with its sources (drafted by the
+packaged local language model, streamed into the page as it is written), asks for a
 person; an agent answers from the inbox in the web UI; the customer reloads the page and
 reads the agent's reply. Screenshots go to ``test-output/screenshots/``.
 """
@@ -20,6 +21,7 @@ import ui_invoice
 import uvicorn
 from playwright.sync_api import Browser, expect
 from test_assistant_support import build, models_toml  # noqa: F401 (a fixture)
+from test_chat import drafting_config
 from test_ui_browser import Site, browser, shot, sign_in  # noqa: F401 (a fixture)
 
 import flowdesk
@@ -44,14 +46,23 @@ def _serve(
         conn.execute(tk.TICKETS_DDL)
     app = flowdesk.App(f"sqlite:///{root / 'chat.db'}", poll_interval=0.05)
     tickets = sql.SqlConnector("tickets-db", app, f"sqlite:///{db}")
-    build(app, models, tk.TicketDesk(tickets), agents=["anna"], agent_groups=[], idle=3600)
+    build(
+        app,
+        drafting_config(models, root),
+        tk.TicketDesk(tickets),
+        agents=["anna"],
+        agent_groups=[],
+        idle=3600,
+        draft_task="support_reply",
+    )
     api = server.create_app(
         app,
         audit=audit_log.AuditLog(app, root / "audit.key"),
         worker=True,
         session_key="browser-test-session-key-0123",
     )
-    srv = uvicorn.Server(uvicorn.Config(api, log_level="warning", lifespan="on"))
+    config = uvicorn.Config(api, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    srv = uvicorn.Server(config)  # (open event streams would hold a graceful stop for ever)
     box["server"] = srv
 
     async def main() -> None:
@@ -111,22 +122,29 @@ def test_a_customer_chats_then_an_agent_takes_over(
     page.get_by_role("button", name="Start a conversation").click()
     assert "/chat/" in page.url and "?" not in page.url  # the token is in no URL
     box = page.get_by_label("Your message")
+    expect(page.locator("body")).to_have_attribute("data-stream", "open")  # drafts stream here
 
     # a question the knowledge base answers, with its sources
     box.fill(QUESTION)
     page.get_by_role("button", name="Send").click()
-    answer = page.locator(".msg-assistant")
+    answer = page.locator("#transcript .msg-assistant")
     expect(answer).to_have_count(1, timeout=20_000)
     expect(answer.locator(".msg-sources .tag").first).to_have_attribute(
         "data-article", "card-delivery"
     )
     expect(page.locator(".msg-customer .msg-text")).to_have_text([QUESTION])
     expect(box).to_have_value("")  # cleared for the next message
+    expect(answer.locator(".msg-note")).to_contain_text("Written by our assistant")
+    chunks = page.locator("body").get_attribute("data-draft-chunks")
+    assert chunks is not None and int(chunks) > 0, "the draft did not stream into the page"
+    expect(page.locator("#draft")).to_be_hidden()  # the recorded answer replaced it
 
     # asking for a person: handed over, the page says so
     box.fill("Thanks. Can I talk to a person about it, please?")
     box.press("Enter")
-    expect(page.locator(".msg-system")).to_contain_text("handing you over", timeout=20_000)
+    expect(page.locator("#transcript .msg-system")).to_contain_text(
+        "handing you over", timeout=20_000
+    )
     expect(page.get_by_role("status")).to_contain_text("Waiting for an agent")
     shot(page, "21-chat-handed-over")
 
@@ -144,7 +162,7 @@ def test_a_customer_chats_then_an_agent_takes_over(
     # the customer's page, reloaded, shows the agent's reply (rebuilt from the durable run)
     page.reload()
     expect(page.locator(".msg-agent .msg-text")).to_have_text(REPLY, timeout=20_000)
-    expect(page.locator(".msg-who").last).to_have_text("Support agent")
-    expect(page.locator(".msg")).to_have_count(5)  # you, answer, you, hand-over, agent
+    expect(page.locator("#transcript .msg-who").last).to_have_text("Support agent")
+    expect(page.locator("#transcript .msg")).to_have_count(5)  # you, answer, you, hand-over, agent
     shot(page, "22-chat-agent-reply")
     customer.close()

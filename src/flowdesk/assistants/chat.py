@@ -56,6 +56,8 @@ class Entry(BaseModel):
     text: str
     citations: list[Citation] = []
     ticket: str | None = None
+    drafted: bool = False
+    """Written by a language model from the cited articles."""
 
 
 class Transcript(BaseModel):
@@ -81,7 +83,14 @@ def _replies(result: dict[str, Any], titles: dict[str, str]) -> list[Entry]:
     if outcome == "answered":
         reply = result.get("reply") or {}
         cited = [Citation(id=c, title=titles.get(c, c)) for c in reply.get("citations", [])]
-        return [Entry(who="assistant", text=str(reply.get("answer", "")), citations=cited)]
+        return [
+            Entry(
+                who="assistant",
+                text=str(reply.get("answer", "")),
+                citations=cited,
+                drafted=bool(reply.get("drafted")),
+            )
+        ]
     if outcome == "ticket":
         ref = _ticket_ref(result.get("ticket"))
         text = (

@@ -32,7 +32,11 @@ outcome is recorded as the step ``support.outcome``, so a conversation still in 
 can be read back from its timeline (`Support.runs` lists a thread's conversations: the web
 chat rebuilds its transcript from them).
 
-No language model is involved anywhere.
+With ``draft_task`` (a generative task of the gateway, e.g. ``support_reply``), an answer
+is written by that model from the cited articles and streamed as it is written
+(`drafts`: the web chat shows it live); when the model fails or refuses, the
+knowledge-base excerpt is sent instead, never an unchecked draft. Without it, no language
+model is involved anywhere.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from flowdesk import errors
+from flowdesk.assistants import drafts as drafts_mod
 from flowdesk.assistants import installed
 from flowdesk.assistants import knowledge as kb
 from flowdesk.assistants import tickets as tk
@@ -150,6 +155,7 @@ class Support:
         escalate_to: Sequence[str] = (),
         idle: float = 3600.0,
         redactor: pii.Redactor | None = None,
+        draft_task: str | None = None,
     ) -> None:
         self.app = app
         self.knowledge = knowledge
@@ -165,6 +171,8 @@ class Support:
         self.escalate_to = list(escalate_to)
         self.idle = idle
         self.redactor = redactor or pii.Redactor()
+        self.draft_task = draft_task
+        self.drafts = drafts_mod.Drafts()
         self._register()
         installed.of(app).support = self
 
@@ -242,6 +250,36 @@ class Support:
         def record_outcome(result: dict[str, Any]) -> dict[str, Any]:
             return result  # recorded: the transcript of a running conversation reads it
 
+        async def draft(
+            ctx: Context,
+            thread_id: str,
+            text: str,
+            good: list[dict[str, Any]],
+            suggestion: dict[str, Any],
+        ) -> dict[str, Any]:
+            assert self.draft_task is not None
+            articles = "\n\n".join(f"{h['title']}: {h['excerpt']}" for h in good[:2])
+            prompt = (
+                "You answer customers of a bank. Using only the help-centre articles below, "
+                "answer the customer's message in at most three sentences.\n\n"
+                f"{articles}\n\nCustomer: {text}\nAnswer:"
+            )
+            try:
+                drafted = await ctx.model(
+                    self.draft_task,
+                    prompt,
+                    data="internal",
+                    key=thread_id,
+                    on_chunk=self.drafts.sink(thread_id),
+                )
+            except errors.StepFailed:  # refused or failed: the articles' own words
+                return suggestion
+            written = (drafted.text or "").strip()
+            if not written:
+                return suggestion
+            model = f"{drafted.model}:{drafted.version}"
+            return {**suggestion, "answer": written, "drafted": True, "draft_model": model}
+
         async def handle(
             ctx: Context, thread_id: str, customer: str, message: dict[str, Any]
         ) -> dict[str, Any]:
@@ -315,6 +353,8 @@ class Support:
                     result["ticket"] = await ctx.step(ticket, row)
                 return result
             if suggestion is not None and confidence >= self.answer_below and wants is None:
+                if self.draft_task is not None and ctx.version("draft-reply", 1):
+                    suggestion = await draft(ctx, thread_id, text, good, suggestion)
                 result.update(outcome="answered", reply=suggestion)
                 return result
             filed: dict[str, Any] = await ctx.step(ticket, row)

@@ -7,7 +7,10 @@ so it stays out of access logs and referrers). ``GET /chat/`` shows the conversa
 ``POST /chat/messages`` sends a message (it signals the conversation:
 `flowdesk.assistants.support.Support.receive`); ``GET /chat/transcript`` is the transcript
 as an HTML fragment the page polls (204 while nothing changed since ``?since=``), and
-``GET /chat/transcript.json`` the same as JSON. A cookie whose token names no conversation
+``GET /chat/transcript.json`` the same as JSON. ``GET /chat/stream`` is a server-sent event
+stream of a reply being drafted by a language model (events ``draft``, a JSON string of
+new text, and ``restart``, the text so far is void), when the assistant has a
+``draft_task`` (`flowdesk.assistants.drafts`). A cookie whose token names no conversation
 gets a 404. The transcript is rebuilt from the durable runs on every request
 (`flowdesk.assistants.chat.transcript`), so a reload or a restarted server loses nothing.
 
@@ -17,13 +20,22 @@ cannot post into someone's chat even where same-site cookies are not enforced.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flowdesk import errors
@@ -39,6 +51,7 @@ PREFIX = "/chat"
 COOKIE = "flowdesk_chat"
 MAX_MESSAGE = 4000
 COOKIE_AGE = 30 * 86400
+KEEP_ALIVE = 15.0  # seconds between comments on an idle event stream
 UI_ROOT = "/ui"  # the stylesheet and htmx are the web UI's static files
 
 
@@ -157,6 +170,33 @@ def create_chat(services: api.Services) -> FastAPI:
         if since and since == found.version:
             return Response(status_code=204)
         return _page(request, "_chat_transcript.html", transcript=found)
+
+    @web.get("/stream")
+    async def stream(chat: Current) -> StreamingResponse:
+        drafts = chat.support.drafts
+        queue = drafts.watch(chat.thread_id)  # before the response starts: nothing is missed
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield "retry: 2000\n\n"
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(queue.get(), KEEP_ALIVE)
+                    except TimeoutError:
+                        yield ": idle\n\n"
+                        continue
+                    if chunk.restart:
+                        yield "event: restart\ndata: \n\n"
+                    elif chunk.text:
+                        yield f"event: draft\ndata: {json.dumps(chunk.text)}\n\n"
+            finally:
+                drafts.unwatch(chat.thread_id, queue)
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
 
     @web.get("/transcript.json", response_model=chat_mod.Transcript)
     async def transcript_json(chat: Current) -> chat_mod.Transcript:
