@@ -8,11 +8,13 @@ knowledge base and ticket desk)."""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from test_assistant_support import build, desk, models_toml, ticket_service  # noqa: F401 (fixtures)
 
 import flowdesk
@@ -54,7 +56,9 @@ async def test_a_chat_answers_hands_over_to_a_person_and_survives_a_restart(
     desk,  # noqa: F811 (the fixture)
     tmp_path: Path,
     wait_until,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     ticket_desk, _ = desk
 
     def serve(app: flowdesk.App) -> Any:
@@ -192,6 +196,8 @@ async def test_a_chat_answers_hands_over_to_a_person_and_survives_a_restart(
             ]
     finally:
         await again.gateway.close()  # type: ignore[union-attr]
+    # no personal data and no chat token in any log line (at DEBUG level, every logger)
+    assert caplog.records and "jane.doe" not in caplog.text and token not in caplog.text
 
 
 async def test_the_chat_is_404_without_the_support_assistant(app, tmp_path: Path) -> None:
