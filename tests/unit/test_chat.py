@@ -32,6 +32,12 @@ def test_asks_for_a_person_or_a_ticket_from_word_lists() -> None:
     assert sup.asks_for("I want a real person") == "person"
     assert sup.asks_for("please open a ticket") == "ticket"
     assert sup.asks_for("my card has not arrived") is None
+    assert sup.asks_for("Agent!") == "person" and sup.asks_for("I need to speak to someone")
+    assert sup.asks_for("I want to make a complaint") == "ticket"
+    # a person or a ticket mentioned, not asked for
+    assert sup.asks_for("I sent money to a person and it has not arrived") is None
+    assert sup.asks_for("Why do people pay a fee? My travel agent did") is None
+    assert sup.asks_for("The concert ticket was charged twice") is None
 
 
 def test_tokens_name_threads_by_a_one_way_hash() -> None:

@@ -85,10 +85,18 @@ HIGH_RISK_INTENTS = frozenset(
         "direct_debit_payment_not_recognised",
     }
 )
-ASK_PERSON = frozenset(
-    "human humans agent agents person people someone somebody representative operator staff".split()
+_PERSON = r"(?:human|agent|person|representative|someone|somebody)"
+ASK_PERSON = re.compile(
+    rf"\b(?:talk|speak|chat|connect|transfer|put|get|want|need)\b[^.?!]*\b{_PERSON}\b"
+    rf"|\b(?:real|live)\s+{_PERSON}\b|^\W*{_PERSON}\W*$",
+    re.IGNORECASE,
 )
-ASK_TICKET = frozenset("ticket tickets complaint".split())
+"""Asking for a person: "can I talk to a human?", "a real person please", "agent"."""
+ASK_TICKET = re.compile(
+    r"\b(?:open|file|raise|create|log|make|want|need)\b[^.?!]*\btickets?\b|\bcomplaint\b",
+    re.IGNORECASE,
+)
+"""Asking for a ticket: "please open a ticket", "I want to make a complaint"."""
 DEFAULT_SLA = {"high": 15 * 60.0, "medium": 4 * 3600.0, "low": 24 * 3600.0}
 
 
@@ -119,13 +127,13 @@ def priority(text: str, intent: str, mood: str) -> str:
 
 
 def asks_for(text: str) -> Literal["person", "ticket"] | None:
-    """``person`` when the customer asks to talk to one (a word of `ASK_PERSON`, e.g. "can
-    I talk to a human?"), else ``ticket`` when they ask for a ticket (`ASK_TICKET`), else
-    None. Word lists again: a customer who names what they want gets it."""
-    words = set(_WORD.findall(text.lower()))
-    if words & ASK_PERSON:
+    """``person`` when the customer asks to talk to one (`ASK_PERSON`), else ``ticket``
+    when they ask for a ticket (`ASK_TICKET`), else None. Patterns, not a model: a
+    customer who names what they want gets it, and a person merely mentioned ("I sent
+    money to a person") is not a request."""
+    if ASK_PERSON.search(text):
         return "person"
-    return "ticket" if words & ASK_TICKET else None
+    return "ticket" if ASK_TICKET.search(text) else None
 
 
 class Review(BaseModel):
