@@ -123,6 +123,9 @@ def test_a_customer_chats_then_an_agent_takes_over(
     assert "/chat/" in page.url and "?" not in page.url  # the token is in no URL
     box = page.get_by_label("Your message")
     expect(page.locator("body")).to_have_attribute("data-stream", "open")  # drafts stream here
+    box.fill("   ")  # nothing to send: said at once, nothing posted
+    page.get_by_role("button", name="Send").click()
+    expect(page.get_by_role("alert")).to_have_text("Write a message first.")
 
     # a question the knowledge base answers, with its sources
     box.fill(QUESTION)
@@ -134,6 +137,7 @@ def test_a_customer_chats_then_an_agent_takes_over(
     )
     expect(page.locator(".msg-customer .msg-text")).to_have_text([QUESTION])
     expect(box).to_have_value("")  # cleared for the next message
+    expect(page.get_by_role("alert")).to_be_hidden()
     expect(answer.locator(".msg-note")).to_contain_text("Written by our assistant")
     chunks = page.locator("body").get_attribute("data-draft-chunks")
     assert chunks is not None and int(chunks) > 0, "the draft did not stream into the page"

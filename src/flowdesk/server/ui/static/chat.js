@@ -43,6 +43,32 @@
       form.querySelector("textarea").focus();
     }
   });
+  function problem(text) {
+    var line = document.getElementById("chat-error");
+    if (!line) return;
+    line.textContent = text || "";
+    line.hidden = !text;
+  }
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var form = event.target;
+    if (!form || form.id !== "chat-form") return;
+    if (!form.querySelector("textarea").value.trim()) {
+      event.preventDefault();
+      problem("Write a message first.");
+    } else {
+      problem("");
+    }
+  });
+  document.addEventListener("htmx:responseError", function (event) {
+    if (event.target && event.target.id !== "chat-form") return;
+    var status = event.detail.xhr.status;
+    problem(status === 404
+      ? "This conversation no longer exists. Reload the page to start a new one."
+      : "Your message could not be sent (error " + status + "). Please try again.");
+  });
+  document.addEventListener("htmx:sendError", function () {
+    problem("The connection was lost. Please try again.");
+  });
   document.addEventListener("keydown", function (event) {
     var box = event.target;
     if (box && box.id === "chat-text" && event.key === "Enter" && !event.shiftKey) {
