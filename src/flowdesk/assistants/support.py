@@ -26,7 +26,17 @@ Each message goes through:
    the priority's SLA and reassigned to ``escalate_to`` when overdue) when the message is
    out of scope, the gateway says a person should decide, or the priority is high.
 
-No language model is involved anywhere.
+A customer who asks for a person ("human", "agent", "person", ...: `asks_for`) is handed to
+one, and one who asks for a ticket gets one, whatever the classifier says. Each message's
+outcome is recorded as the step ``support.outcome``, so a conversation still in progress
+can be read back from its timeline (`Support.runs` lists a thread's conversations: the web
+chat rebuilds its transcript from them).
+
+With ``draft_task`` (a generative task of the gateway, e.g. ``support_reply``), an answer
+is written by that model from the cited articles and streamed as it is written
+(`drafts`: the web chat shows it live); when the model fails or refuses, the
+knowledge-base excerpt is sent instead, never an unchecked draft. Without it, no language
+model is involved anywhere.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from flowdesk import errors
+from flowdesk.assistants import drafts as drafts_mod
 from flowdesk.assistants import installed
 from flowdesk.assistants import knowledge as kb
 from flowdesk.assistants import tickets as tk
@@ -47,8 +58,9 @@ from flowdesk.engine import tasks
 from flowdesk.engine.app import App
 from flowdesk.engine.context import Context, current_step
 from flowdesk.models import pii
+from flowdesk.store import base
 
-__all__ = ["CONVERSATION", "Review", "Support", "priority", "sentiment"]
+__all__ = ["CONVERSATION", "Review", "Support", "asks_for", "priority", "sentiment"]
 
 CONVERSATION = "support.conversation"
 MESSAGE = "message"
@@ -73,6 +85,18 @@ HIGH_RISK_INTENTS = frozenset(
         "direct_debit_payment_not_recognised",
     }
 )
+_PERSON = r"(?:human|agent|person|representative|someone|somebody)"
+ASK_PERSON = re.compile(
+    rf"\b(?:talk|speak|chat|connect|transfer|put|get|want|need)\b[^.?!]*\b{_PERSON}\b"
+    rf"|\b(?:real|live)\s+{_PERSON}\b|^\W*{_PERSON}\W*$",
+    re.IGNORECASE,
+)
+"""Asking for a person: "can I talk to a human?", "a real person please", "agent"."""
+ASK_TICKET = re.compile(
+    r"\b(?:open|file|raise|create|log|make|want|need)\b[^.?!]*\btickets?\b|\bcomplaint\b",
+    re.IGNORECASE,
+)
+"""Asking for a ticket: "please open a ticket", "I want to make a complaint"."""
 DEFAULT_SLA = {"high": 15 * 60.0, "medium": 4 * 3600.0, "low": 24 * 3600.0}
 
 
@@ -102,6 +126,16 @@ def priority(text: str, intent: str, mood: str) -> str:
     return "medium" if mood == "negative" else "low"
 
 
+def asks_for(text: str) -> Literal["person", "ticket"] | None:
+    """``person`` when the customer asks to talk to one (`ASK_PERSON`), else ``ticket``
+    when they ask for a ticket (`ASK_TICKET`), else None. Patterns, not a model: a
+    customer who names what they want gets it, and a person merely mentioned ("I sent
+    money to a person") is not a request."""
+    if ASK_PERSON.search(text):
+        return "person"
+    return "ticket" if ASK_TICKET.search(text) else None
+
+
 class Review(BaseModel):
     """What the person decides for an escalated message."""
 
@@ -129,6 +163,7 @@ class Support:
         escalate_to: Sequence[str] = (),
         idle: float = 3600.0,
         redactor: pii.Redactor | None = None,
+        draft_task: str | None = None,
     ) -> None:
         self.app = app
         self.knowledge = knowledge
@@ -144,6 +179,8 @@ class Support:
         self.escalate_to = list(escalate_to)
         self.idle = idle
         self.redactor = redactor or pii.Redactor()
+        self.draft_task = draft_task
+        self.drafts = drafts_mod.Drafts()
         self._register()
         installed.of(app).support = self
 
@@ -164,6 +201,30 @@ class Support:
                 continue
             return handle.id, handle.created
         raise errors.InvalidState(f"Thread {thread_id}: too many conversations.")
+
+    async def open(self, thread_id: str, customer: str) -> str:
+        """Start the thread's first conversation before any message (a chat window that
+        was just opened); it waits ``idle`` seconds for one. Returns its run id; the same
+        run when called again."""
+        handle = await self.app.start(
+            CONVERSATION,
+            {"thread_id": thread_id, "customer": customer},
+            idempotency_key=f"support-thread:{thread_id}",
+        )
+        return handle.id
+
+    async def runs(self, thread_id: str) -> list[base.RunRecord]:
+        """The thread's conversations, oldest first (empty for an unknown thread), found by
+        the idempotency keys `receive` starts them with."""
+        found: list[base.RunRecord] = []
+        key = f"support-thread:{thread_id}"
+        while len(found) < 1000:
+            run = await self.app.store.run_by_key(key)
+            if run is None:
+                break
+            found.append(run)
+            key = f"support-thread:{thread_id}:after:{run.id}"
+        return found
 
     def _register(self) -> None:
         app = self.app
@@ -193,11 +254,47 @@ class Support:
             assert info is not None
             return await self.desk.create(row, info.idempotency_key)
 
+        @app.step(name="support.outcome")
+        def record_outcome(result: dict[str, Any]) -> dict[str, Any]:
+            return result  # recorded: the transcript of a running conversation reads it
+
+        async def draft(
+            ctx: Context,
+            thread_id: str,
+            text: str,
+            good: list[dict[str, Any]],
+            suggestion: dict[str, Any],
+        ) -> dict[str, Any]:
+            assert self.draft_task is not None
+            articles = "\n\n".join(f"{h['title']}: {h['excerpt']}" for h in good[:2])
+            prompt = (
+                "You answer customers of a bank. Using only the help-centre articles below, "
+                "answer the customer's message in at most three sentences.\n\n"
+                f"{articles}\n\nCustomer: {text}\nAnswer:"
+            )
+            try:
+                drafted = await ctx.model(
+                    self.draft_task,
+                    prompt,
+                    data="internal",
+                    key=thread_id,
+                    on_chunk=self.drafts.sink(thread_id),
+                )
+            except errors.StepFailed:  # refused or failed: the articles' own words
+                return suggestion
+            written = (drafted.text or "").strip()
+            if not written:
+                return suggestion
+            model = f"{drafted.model}:{drafted.version}"
+            return {**suggestion, "answer": written, "drafted": True, "draft_model": model}
+
         async def handle(
             ctx: Context, thread_id: str, customer: str, message: dict[str, Any]
         ) -> dict[str, Any]:
             clean: dict[str, Any] = await ctx.step(redact, str(message["text"]))
             text = clean["text"]
+            # Runs already past this point when it was added keep their recorded history.
+            wants = asks_for(text) if ctx.version("customer-asks", 1) else None
             answer = await ctx.model(self.intent_task, text, data="internal", key=thread_id)
             intent = str(answer.label)
             confidence = float(answer.confidence or 0.0)
@@ -231,9 +328,11 @@ class Support:
                 sentiment=mood,
                 text=text,
             )
-            if out_of_scope or answer.escalate or level == "high":
+            if out_of_scope or answer.escalate or level == "high" or wants == "person":
                 why = (
-                    "out of scope"
+                    "customer asked for a person"
+                    if wants == "person"
+                    else "out of scope"
                     if out_of_scope
                     else "high priority"
                     if level == "high"
@@ -261,7 +360,9 @@ class Support:
                 if review.action == "ticket":
                     result["ticket"] = await ctx.step(ticket, row)
                 return result
-            if suggestion is not None and confidence >= self.answer_below:
+            if suggestion is not None and confidence >= self.answer_below and wants is None:
+                if self.draft_task is not None and ctx.version("draft-reply", 1):
+                    suggestion = await draft(ctx, thread_id, text, good, suggestion)
                 result.update(outcome="answered", reply=suggestion)
                 return result
             filed: dict[str, Any] = await ctx.step(ticket, row)
@@ -279,6 +380,8 @@ class Support:
                 # Runs already past this point when it was added keep their recorded history.
                 arrived = ctx.now() if ctx.version("time-to-resolution", 1) else None
                 result = await handle(ctx, thread_id, customer, message)
+                if ctx.version("customer-asks", 1):
+                    await ctx.step(record_outcome, result)
                 handled.append(result)
                 outcome = str(result["outcome"])
                 ctx.metric(handled_total, 1, outcome=outcome, priority=str(result["priority"]))

@@ -28,6 +28,7 @@ from flowdesk.server import api, hooks, schemas
 from flowdesk.server import assistants as assistant_routes
 from flowdesk.server import metrics as metrics_routes
 from flowdesk.server import ui as web_ui
+from flowdesk.server.ui import chat as chat_ui
 
 log = logging.getLogger("flowdesk.server")
 
@@ -144,6 +145,8 @@ def create_app(
 ) -> FastAPI:
     """The REST API of ``app``, and the web UI under ``/ui`` (``/`` leads there).
 
+    The customer support chat is under ``/chat`` (`flowdesk.server.ui.chat`).
+
     The server opens ``app`` when it starts and closes it when it stops. With ``worker``,
     it also runs a worker in the same process for its whole life, and that worker signs
     audit checkpoints (`AuditLog.install`). ``audit`` defaults to ``AuditLog(app)``.
@@ -209,6 +212,7 @@ def create_app(
         web_ui.create_ui(services, documents=documents, session_key=session_key),
         name="ui",
     )
+    api_app.mount(chat_ui.PREFIX, chat_ui.create_chat(services), name="chat")
     api_app.add_middleware(observe.logs.RequestContext)
     return api_app
 

@@ -530,6 +530,10 @@ class Store(ABC):
     async def get_status(self, run_id: str) -> RunStatus | None: ...
 
     @abstractmethod
+    async def run_by_key(self, idempotency_key: str) -> RunRecord | None:
+        """The run started with this idempotency key, if any (a read: nothing is created)."""
+
+    @abstractmethod
     async def list_runs(
         self,
         *,

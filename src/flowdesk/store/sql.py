@@ -1277,6 +1277,12 @@ class SqlStore(base.Store):
         rows = await self._read(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,))
         return run_from_row(rows[0], await self.run_keys([run_id])) if rows else None
 
+    async def run_by_key(self, idempotency_key: str) -> RunRecord | None:
+        rows = await self._read(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?", (idempotency_key,)
+        )
+        return run_from_row(rows[0]) if rows else None
+
     async def get_status(self, run_id: str) -> RunStatus | None:
         rows = await self._read("SELECT status FROM runs WHERE id = ?", (run_id,))
         return RunStatus(rows[0][0]) if rows else None
