@@ -549,3 +549,17 @@ async def test_payloads_stored_in_the_clear_are_erased_and_sealed_from_then_on(
     dump += repr(query("SELECT * FROM signals"))
     assert "old@example.org" not in dump  # overwritten by the erasure
     assert "secret-signal" not in dump  # sealed once encryption was on
+
+
+async def test_a_run_found_by_its_key_has_its_payloads_opened(app):
+    @app.workflow("keyed")
+    async def keyed(ctx: flowdesk.Context, email: str) -> str:
+        return email.upper()
+
+    async with app, app.worker():
+        handle = await app.start("keyed", {"email": "kim@example.org"}, idempotency_key="k-1")
+        await handle.result(timeout=15)
+        found = await app.store.run_by_key("k-1")
+        missing = await app.store.run_by_key("no-such-key")
+    assert found is not None and found.id == handle.id and missing is None
+    assert found.input == {"email": "kim@example.org"} and found.output == "KIM@EXAMPLE.ORG"

@@ -1281,7 +1281,9 @@ class SqlStore(base.Store):
         rows = await self._read(
             f"SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?", (idempotency_key,)
         )
-        return run_from_row(rows[0]) if rows else None
+        if not rows:
+            return None
+        return run_from_row(rows[0], await self.run_keys([str(rows[0][0])]))
 
     async def get_status(self, run_id: str) -> RunStatus | None:
         rows = await self._read("SELECT status FROM runs WHERE id = ?", (run_id,))
