@@ -533,9 +533,8 @@ async def test_role_endpoint_matrix(env, tmp_path):
     approvals.Approvals(env.app, Path(__file__).parents[2] / "data" / "approvals" / "policy.toml")
     support.Support(env.app, knowledge.KnowledgeBase([]), tickets.TicketDesk())
     with sqlite3.connect(tmp_path / "erp.db") as conn:
-        for ddl in (inv.AP_INVOICES_DDL, inv.VENDORS_DDL, inv.PURCHASE_ORDERS_DDL):
+        for ddl in inv.ERP_DDL:
             conn.execute(ddl)
-        conn.execute(inv.CORRECTIONS_DDL)
     erp = sql.SqlConnector("erp", env.app, f"sqlite:///{tmp_path / 'erp.db'}")
     inv.Invoices(env.app, Archive(tmp_path / "documents"), inv.Erp(erp))
     pdf = Path(__file__).parent.parent / "data" / "invoices" / "inv-2025-0012-L4-en_IE.pdf"

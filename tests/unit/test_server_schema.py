@@ -202,9 +202,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     aims["POST /messages"] = {"body": {"thread_id": "t1", "customer": "c1", "text": "hello"}}
     erp_file = folder / "erp.db"
     with sqlite3.connect(erp_file) as conn:
-        for ddl in (inv.AP_INVOICES_DDL, inv.VENDORS_DDL, inv.PURCHASE_ORDERS_DDL):
+        for ddl in inv.ERP_DDL:
             conn.execute(ddl)
-        conn.execute(inv.CORRECTIONS_DDL)
     erp = sql.SqlConnector("erp", app, f"sqlite:///{erp_file}")
     inv.Invoices(app, Archive(folder / "documents"), inv.Erp(erp))
     sample = Path(__file__).parents[2] / "tests" / "data" / "invoices"

@@ -44,6 +44,7 @@ Each run of ``invoices.process``:
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import concurrent.futures.process
 import email
@@ -76,6 +77,7 @@ from flowdesk.triggers import filedrop
 
 __all__ = [
     "AP_INVOICES_DDL",
+    "ERP_DDL",
     "CORRECTIONS_DDL",
     "Erp",
     "InvoicePolicy",
@@ -154,6 +156,10 @@ CORRECTIONS_DDL = (
 ``extracted`` what was read, ``corrected`` the truth), or the risk label the decision
 implies (``field = 'risk'``: ``extracted`` holds the model's features, ``corrected`` the
 label)."""
+
+
+ERP_DDL = (AP_INVOICES_DDL, VENDORS_DDL, PURCHASE_ORDERS_DDL, CORRECTIONS_DDL)
+"""Every table the assistant uses in the ERP database (`Erp.create_tables`)."""
 
 
 class ApRow(BaseModel):
@@ -326,7 +332,7 @@ class Erp:
 
     async def create_tables(self) -> None:
         """Create the four tables when they are missing (a real ERP has its own)."""
-        for ddl in (AP_INVOICES_DDL, VENDORS_DDL, PURCHASE_ORDERS_DDL, CORRECTIONS_DDL):
+        for ddl in ERP_DDL:
             op = sql.statement("create_table", ddl, _Nothing)
             await self._call(op, {})
 
@@ -712,8 +718,6 @@ class Invoices:
             raise errors.DocumentError(
                 f"{name}: {len(data)} bytes is over the {MAX_FILE_BYTES} byte limit"
             )
-        import asyncio
-
         doc_id = await asyncio.to_thread(self.archive.put, data)
         payload = InvoiceIn(
             document_id=doc_id,
@@ -776,8 +780,6 @@ class Invoices:
 
         @app.step(name="invoices.intake_file")
         async def intake_file(path: str, name: str) -> list[dict[str, Any]]:
-            import asyncio
-
             data = await asyncio.to_thread(Path(path).read_bytes)
             if name.lower().endswith(".eml") or data[:200].lstrip().lower().startswith(
                 (b"from:", b"received:", b"return-path:", b"mime-version:", b"message-id:")
@@ -836,8 +838,6 @@ class Invoices:
 
         @app.step(name="invoices.archive")
         async def archive_record(run_id: str, record: dict[str, Any]) -> str:
-            import asyncio
-
             return await asyncio.to_thread(self._write_record, run_id, record)
 
         @app.workflow(PROCESS)
@@ -1081,8 +1081,6 @@ class Invoices:
         hold this process's interpreter: the API and the other runs stay responsive. A reader
         that dies on a file (killed, out of memory) is replaced, and the file is tried once
         more before it is called unreadable."""
-        import asyncio
-
         try:
             path = str(self.archive.path(document_id))
         except archive_mod.UnknownDocument as exc:
