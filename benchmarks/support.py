@@ -149,9 +149,7 @@ def quality(args: argparse.Namespace) -> tuple[training.TrainResult, list[str], 
         f"   trained on {len(train_t)} in {seconds:.1f} s; measured on {len(test_l)} held back "
         f"({n_oos} out of scope), threshold {clf.threshold:.3f}"
     )
-    print(
-        f"   out-of-scope precision {m.oos_precision or 0:.4f}  recall {m.oos_recall or 0:.4f}"
-    )
+    print(f"   out-of-scope precision {m.oos_precision or 0:.4f}  recall {m.oos_recall or 0:.4f}")
     inside = [i for i, label in enumerate(test_l) if label != OOS]
     final = clf.decide(clf.predict_proba([test_t[i] for i in inside]))[0]
     right = sum(1 for i, f in zip(inside, final, strict=True) if f == test_l[i])
