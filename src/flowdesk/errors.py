@@ -26,7 +26,8 @@ The tree::
     │                               with another body (or under another delivery id)
     ├── Unauthenticated             no credential, or an expired, revoked or forged one
     │   ├── BadSignature            a webhook's signature is missing or does not verify
-    │   └── StaleDelivery           a webhook's timestamp is outside the tolerance
+    │   ├── StaleDelivery           a webhook's timestamp is outside the tolerance
+    │   └── SignInThrottled         too many failed sign-ins: the password is not checked
     ├── PermissionDenied            the user may not do this
     │   └── FourEyesViolation       the requester tried to approve their own work
     ├── ModelError                  a model call failed (the gateway may fall back)
@@ -224,6 +225,18 @@ class Conflict(FlowdeskError):
 class Unauthenticated(FlowdeskError):
     """No valid credential: send `Authorization: Bearer <token>` with a token from
     `flowdesk tokens create`."""
+
+
+class SignInThrottled(Unauthenticated):
+    """Too many failed sign-ins of this account or from this address: wait, then try
+    again. ``retry_after`` is the wait in seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"Too many failed sign-ins; try again in {retry_after} seconds.")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.retry_after,))
 
 
 class PermissionDenied(FlowdeskError):

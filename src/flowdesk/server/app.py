@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
+from datetime import timedelta
 from typing import Any
 
 import uvicorn
@@ -29,6 +30,7 @@ from flowdesk.server import assistants as assistant_routes
 from flowdesk.server import metrics as metrics_routes
 from flowdesk.server import ui as web_ui
 from flowdesk.server.ui import chat as chat_ui
+from flowdesk.server.ui import throttle
 
 log = logging.getLogger("flowdesk.server")
 
@@ -45,6 +47,7 @@ STATUS: tuple[tuple[type[errors.FlowdeskError], int], ...] = (
     (errors.Conflict, 409),
     (errors.InvalidState, 409),
     (errors.PermissionDenied, 403),  # FourEyesViolation
+    (errors.SignInThrottled, 429),
     (errors.Unauthenticated, 401),  # BadSignature, StaleDelivery (webhooks)
     (errors.SecretUnavailable, 503),  # a webhook's secret is not configured
     (errors.ConfigurationError, 400),
@@ -142,6 +145,8 @@ def create_app(
     metrics_access: str = "local",
     documents: archive_mod.Archive | None = None,
     session_key: str | bytes | None = None,
+    session_lifetime: timedelta = timedelta(hours=8),
+    signin_limits: throttle.Limits | None = None,
 ) -> FastAPI:
     """The REST API of ``app``, and the web UI under ``/ui`` (``/`` leads there).
 
@@ -155,7 +160,11 @@ def create_app(
 
     ``documents`` is the archive the web UI previews tasks' source documents from;
     ``session_key`` signs its session cookies (default ``$FLOWDESK_SESSION_KEY``, else a
-    random key per process: see `flowdesk.server.ui.auth`).
+    random key per process: see `flowdesk.server.ui.auth`), whose sessions last
+    ``session_lifetime``. ``signin_limits`` says when failed sign-ins lock an account or a
+    client address out (default `flowdesk.server.ui.throttle.Limits()`: 5 failures of an
+    account or 20 from an address within 15 minutes; lockouts of 30 s, doubling up to 15
+    minutes).
     """
     audit = audit or audit_log.AuditLog(app)
     access = metrics_routes.check_access(metrics_access)
@@ -209,7 +218,13 @@ def create_app(
 
     api_app.mount(
         web_ui.PREFIX,
-        web_ui.create_ui(services, documents=documents, session_key=session_key),
+        web_ui.create_ui(
+            services,
+            documents=documents,
+            session_key=session_key,
+            session_lifetime=session_lifetime,
+            signin_limits=signin_limits,
+        ),
         name="ui",
     )
     api_app.mount(chat_ui.PREFIX, chat_ui.create_chat(services), name="chat")

@@ -1,9 +1,11 @@
-"""What the web UI reads and writes: passwords, sign-in sessions, the figures of the
-dashboard and the filtered audit list, once for every dialect (same conventions as
-`sql.py`).
+"""What the web UI reads and writes: passwords, sign-in sessions, failed sign-ins, the
+figures of the dashboard and the filtered audit list, once for every dialect (same
+conventions as `sql.py`).
 
 Passwords arrive here already hashed (argon2, `flowdesk.server.ui.auth`); sessions are
-stored by the SHA-256 of their cookie secret. Dashboard reads look at a recent window only
+stored by the SHA-256 of their cookie secret. Failed sign-ins are counted per key (an
+account or a client address) for `flowdesk.server.ui.throttle`, which decides the policy
+and passes its own clock's times. Dashboard reads look at a recent window only
 (``since``, epoch ms) and cap the rows they fetch, so a page load stays cheap on a big
 database.
 """
@@ -86,6 +88,42 @@ class UiTx(sql.SqlTx):
             "DELETE FROM ui_sessions WHERE expires_at < ? OR ended_at < ?", (before, before)
         )
 
+    # -- failed sign-ins -------------------------------------------------------------------
+    async def count_signin_failure(self, key: str, now: int, forget_at: int) -> int:
+        """Count one more failed sign-in of ``key``: the streak's length now. A row past its
+        ``forget_at`` starts a new streak of 1 that is forgotten at ``forget_at``. The
+        upsert locks the row (PostgreSQL) until commit, so servers counting the same key
+        take turns and none loses a failure."""
+        row = await self._one(
+            "INSERT INTO ui_signin_failures (key, failures, locked_until, forget_at)"
+            " VALUES (?, 1, 0, ?) ON CONFLICT (key) DO UPDATE SET"
+            " failures = CASE WHEN ui_signin_failures.forget_at <= ? THEN 1"
+            " ELSE ui_signin_failures.failures + 1 END,"
+            " locked_until = CASE WHEN ui_signin_failures.forget_at <= ? THEN 0"
+            " ELSE ui_signin_failures.locked_until END,"
+            " forget_at = CASE WHEN ui_signin_failures.forget_at <= ? THEN excluded.forget_at"
+            " ELSE ui_signin_failures.forget_at END"
+            " RETURNING failures",
+            (key, forget_at, now, now, now),
+        )
+        assert row is not None  # an upsert always returns its row
+        return int(row[0])
+
+    async def lock_signin(self, key: str, locked_until: int, forget_at: int) -> None:
+        """Refuse sign-ins of ``key`` until ``locked_until``; keep its streak until
+        ``forget_at``."""
+        await self._run(
+            "UPDATE ui_signin_failures SET locked_until = ?, forget_at = ? WHERE key = ?",
+            (locked_until, forget_at, key),
+        )
+
+    async def clear_signin_failures(self, key: str) -> None:
+        await self._run("DELETE FROM ui_signin_failures WHERE key = ?", (key,))
+
+    async def prune_signin_failures(self, now: int) -> int:
+        """Forget the streaks that ended (past their ``forget_at``)."""
+        return await self._run("DELETE FROM ui_signin_failures WHERE forget_at <= ?", (now,))
+
 
 class UiStore(sql.SqlStore):
     async def find_runs(
@@ -150,6 +188,16 @@ class UiStore(sql.SqlStore):
             expires_at=int(r[3]),
             ended_at=None if r[4] is None else int(r[4]),
         )
+
+    async def signin_locked_until(self, keys: Sequence[str], now: int) -> int:
+        """The latest lockout of ``keys`` still in force at ``now`` (epoch ms), else 0."""
+        rows = await self._read(
+            "SELECT MAX(locked_until) FROM ui_signin_failures WHERE key"
+            + sql.IN_LIST
+            + " AND locked_until > ?",
+            (self._list(keys), now),
+        )
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
     async def runs_per_minute(self, since: int) -> list[tuple[int, str, int]]:
         """``(minute start ms, "started" | final status, count)`` since ``since``."""

@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 
 from flowdesk.documents import archive as archive_mod
 from flowdesk.server import api
-from flowdesk.server.ui import auth, ops, pages, routes
+from flowdesk.server.ui import auth, ops, pages, routes, throttle
 
 __all__ = ["create_ui"]
 
@@ -32,10 +32,14 @@ def create_ui(
     documents: archive_mod.Archive | None = None,
     session_key: str | bytes | None = None,
     session_lifetime: timedelta = timedelta(hours=8),
+    signin_limits: throttle.Limits | None = None,
 ) -> FastAPI:
-    """The web UI over the same services as the REST API."""
+    """The web UI over the same services as the REST API; ``signin_limits`` throttle
+    failed sign-ins (`flowdesk.server.ui.throttle`)."""
     ui = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    sessions = auth.Sessions(services.app, auth.session_key(session_key), session_lifetime)
+    sessions = auth.Sessions(
+        services.app, auth.session_key(session_key), session_lifetime, signin_limits
+    )
     ui.state.ui = pages.UiState(services=services, sessions=sessions, documents=documents)
     static = resources.files("flowdesk.server.ui") / "static"
     ui.mount("/static", StaticFiles(directory=str(static)), name="static")

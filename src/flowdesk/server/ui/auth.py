@@ -15,6 +15,10 @@ own machine). Every POST form also carries the session's CSRF token, compared in
 constant time. The sign-in form, before any session exists, is protected the same way by
 a short-lived signed token of its own (double submit: cookie and form field).
 
+Failed sign-ins are throttled per account and per client address, in the store
+(`flowdesk.server.ui.throttle`): past its limit, an account or address is refused
+without its password being checked, for a lockout that grows with each failure.
+
 The session key comes from ``create_app(session_key=...)``, else ``$FLOWDESK_SESSION_KEY``;
 without either, each process makes a random one (sessions then end when it restarts,
 and several API servers need the same key set).
@@ -37,6 +41,7 @@ from fastapi import Request, Response
 from flowdesk import errors
 from flowdesk.engine.app import App
 from flowdesk.governance import identity as ident
+from flowdesk.server.ui import throttle
 from flowdesk.store import base, people, sql_ui
 
 COOKIE = "flowdesk_session"
@@ -93,13 +98,20 @@ class Session:
 class Sessions:
     """Sign-in sessions of one app's store."""
 
-    def __init__(self, app: App, key: bytes, lifetime: timedelta = timedelta(hours=8)) -> None:
+    def __init__(
+        self,
+        app: App,
+        key: bytes,
+        lifetime: timedelta = timedelta(hours=8),
+        limits: throttle.Limits | None = None,
+    ) -> None:
         if lifetime <= timedelta(0):
             raise errors.ConfigurationError("A session's lifetime must be positive.")
         self.app = app
         self.key = key
         self.lifetime = lifetime
         self.identity = ident.Identity(app)
+        self.throttle = throttle.Throttle(app, limits)
 
     def _sign(self, text: str) -> str:
         return _b64(hmac.new(self.key, text.encode("ascii"), hashlib.sha256).digest())
@@ -112,9 +124,24 @@ class Sessions:
             return None
         return text
 
-    async def sign_in(self, user_id: str, password: str) -> tuple[str, Session]:
-        """Check the password and open a session: the cookie value and the session."""
-        user = await self.identity.check_password(user_id, password)
+    async def sign_in(
+        self, user_id: str, password: str, address: str | None = None
+    ) -> tuple[str, Session]:
+        """Check the password and open a session: the cookie value and the session.
+
+        ``address`` is the client's. `SignInThrottled` (an `Unauthenticated`) refuses
+        without checking the password while the account or the address is locked out,
+        and answers the failure that locks one out.
+        """
+        async with self.throttle.turn(user_id, address):
+            await self.throttle.check(user_id, address)
+            try:
+                user = await self.identity.check_password(user_id, password)
+            except errors.Unauthenticated:
+                locked = await self.throttle.failed(user_id, address)
+                if locked is not None:
+                    raise locked from None
+                raise
         secret = secrets.token_urlsafe(32)
         csrf = secrets.token_urlsafe(24)
         expires = base.now_ms() + int(self.lifetime.total_seconds() * 1000)
@@ -124,6 +151,7 @@ class Sessions:
             sessions = sql_ui.ui_tx(tx)
             await sessions.prune_sessions(base.now_ms() - PRUNE_AFTER_MS)  # keeps it small
             await sessions.start_session(hashed, user.id, csrf, expires)
+            await self.throttle.succeeded_txn(tx, user_id)
 
         await self.app.submit(start, actor=user.id)
         return f"{secret}.{self._sign(secret)}", Session(user, csrf, expires)

@@ -207,6 +207,7 @@ _TITLES = {
     404: "Not found",
     409: "Not possible right now",
     422: "Please check what you entered",
+    429: "Too many attempts",
     503: "The database does not answer",
 }
 

@@ -74,14 +74,19 @@ async def login(request: Request, ui: State) -> Response:
     root = request.scope.get("root_path", "")
     target = _safe_next(posted.get("next"), root)
     user_id = posted.get("user", "").strip().lower()
+    headers: dict[str, str] = {}
     if not ui.sessions.login_token_ok(
         request.cookies.get(auth.LOGIN_COOKIE), posted.get(auth.CSRF_FIELD)
     ):
         error = "The sign-in form expired. Please try again."
         status = 403
     else:
+        address = request.client.host if request.client is not None else None
         try:
-            cookie, _ = await ui.sessions.sign_in(user_id, posted.get("password", ""))
+            cookie, _ = await ui.sessions.sign_in(user_id, posted.get("password", ""), address)
+        except errors.SignInThrottled as exc:
+            error, status = exc.message, 429
+            headers["Retry-After"] = str(exc.retry_after)
         except errors.Unauthenticated as exc:
             error, status = exc.message, 401
         else:
@@ -95,6 +100,7 @@ async def login(request: Request, ui: State) -> Response:
         "login.html",
         None,
         status=status,
+        headers=headers,
         login_token=token,
         next=target,
         error=error,
