@@ -5,8 +5,10 @@ support triage (a local intent model answers, files tickets or asks a person) an
 `install` registers both on an app: the approvals policy from data/approvals/policy.toml,
 a support intent model trained once on Banking77 (TF-IDF, a few seconds; kept in
 ./flowdesk-models/), the knowledge base in data/support/, and tickets written to the SQL
-table ``tickets`` of ./tickets.db through the SQL connector. `feed` sends sample requests
-and messages; `answer` plays the people who decide what lands in the inbox.
+table ``tickets`` of ./tickets.db through the SQL connector. Customer e-mails (``.eml``)
+dropped in ./support-mail/ reach the support assistant too; two samples, a question and
+its follow-up, are dropped there at first start. `feed` sends sample requests and
+messages; `answer` plays the people who decide what lands in the inbox.
 """
 
 from __future__ import annotations
@@ -34,6 +36,24 @@ from flowdesk.store.people import Person
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path("flowdesk-models")
 TASK = "support_intent"
+MAIL = Path("support-mail")
+SAMPLE_MAILS = [
+    (
+        "1-card.eml",
+        "From: Jo Customer <jo@example.com>\r\nTo: support@bank.example\r\n"
+        "Subject: My card\r\nMessage-ID: <demo-card-1@mail.example>\r\n\r\n"
+        "I ordered a new card two weeks ago and it still has not arrived.\r\n",
+    ),
+    (
+        "2-card-reply.eml",
+        "From: Jo Customer <jo@example.com>\r\nTo: support@bank.example\r\n"
+        "Subject: Re: My card\r\nMessage-ID: <demo-card-2@mail.example>\r\n"
+        "In-Reply-To: <demo-card-1@mail.example>\r\n"
+        "References: <demo-card-1@mail.example>\r\n\r\n"
+        "Thanks. Which exchange rate do you use when I pay abroad with it?\r\n\r\n"
+        "On Monday, Bank Support wrote:\r\n> Your card is on its way.\r\n",
+    ),
+]
 
 # (user, roles, groups): the approvers the policy names, and the support desk.
 PEOPLE = [
@@ -109,8 +129,34 @@ async def install(app: flowdesk.App, stack: AsyncExitStack) -> tuple[Any, Any]:
         agent_groups=["support"],
         escalate_to=["lead"],
     )
+    await _watch_mail(support, stack)
     await invoice_demo.install(app, stack)
     return approvals, support
+
+
+def _drop_mails() -> int:
+    """The sample e-mails, once (written under a .part name, then renamed)."""
+    MAIL.mkdir(exist_ok=True)
+    if (MAIL / "done").exists():
+        return 0
+    for name, text in SAMPLE_MAILS:
+        part = MAIL / (name + ".part")
+        part.write_bytes(text.encode())
+        part.rename(MAIL / name)
+    return len(SAMPLE_MAILS)
+
+
+async def _watch_mail(support: sup.Support, stack: AsyncExitStack) -> None:
+    dropped = await asyncio.to_thread(_drop_mails)
+    watcher = support.watch(MAIL, interval=1.0, settle=0.5)
+    watching = asyncio.create_task(watcher.run())
+
+    async def stop() -> None:
+        watcher.stop()
+        await watching
+
+    stack.push_async_callback(stop)
+    print(f"support assistant: e-mails (.eml) in {MAIL}/ ({dropped} samples dropped in)")
 
 
 async def feed(approvals: Any, support: Any, n: int) -> None:

@@ -92,6 +92,18 @@ def test_the_demo_serves_the_api_with_work_flowing_and_stops_cleanly(
 
     _poll(assistants_at_work, "decided approval requests and support conversations", 120)
 
+    def mail_taken() -> bool:  # the two sample e-mails in ./support-mail/
+        runs = httpx.get(
+            base + "/runs", params={"workflow": "support.email"}, headers=auth, timeout=5
+        ).json()["items"]
+        return len(runs) == 2 and all(r["status"] == "succeeded" for r in runs)
+
+    _poll(mail_taken, "the sample e-mails handed to the support assistant", 120)
+    assert sorted(p.name for p in (tmp_path / "support-mail" / "done").iterdir()) == [
+        "1-card.eml",
+        "2-card-reply.eml",
+    ]
+
     def invoices_at_work() -> bool:
         runs = httpx.get(
             base + "/runs", params={"limit": 100, "workflow": "invoices.process"}, headers=auth

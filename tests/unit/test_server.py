@@ -507,6 +507,7 @@ MATRIX: list[tuple[str, str, Any, tuple[int, int, int, int, int]]] = [
     # The assistants (installed by the matrix test): anyone signed in may ask for approval.
     ("POST", "/approvals", APPROVAL, (201, 201, 201, 201, 401)),
     ("POST", "/messages", MESSAGE, (202, 202, 403, 403, 401)),
+    ("POST", "/messages/email", None, (202, 202, 403, 403, 401)),  # the e-mail as the body
     ("POST", "/invoices", INVOICE, (201, 201, 403, 403, 401)),  # the file itself as the body
 ]
 
@@ -583,6 +584,14 @@ async def test_role_endpoint_matrix(env, tmp_path):
                 kwargs = {
                     "content": pdf.read_bytes(),
                     "headers": {"Content-Type": "application/pdf"},
+                }
+            if path == "/messages/email":
+                kwargs = {
+                    "content": (
+                        f"From: c@example.com\r\nMessage-ID: <m{next(counter)}@example.com>\r\n"
+                        "Subject: card\r\n\r\nWhere is my card?\r\n"
+                    ).encode(),
+                    "headers": {"Content-Type": "message/rfc822"},
                 }
             if path.startswith("/hooks/"):  # a webhook: signed, with a fresh delivery id
                 raw, n = json.dumps(payload).encode(), next(counter)

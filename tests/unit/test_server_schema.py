@@ -200,6 +200,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         }
     }
     aims["POST /messages"] = {"body": {"thread_id": "t1", "customer": "c1", "text": "hello"}}
+    aims["POST /messages/email"] = {
+        "body": b"From: c@example.com\r\nMessage-ID: <m1@example.com>\r\n\r\nhello\r\n",
+        "media_type": "message/rfc822",
+    }
     erp_file = folder / "erp.db"
     with sqlite3.connect(erp_file) as conn:
         for ddl in inv.ERP_DDL:

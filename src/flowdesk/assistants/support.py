@@ -26,6 +26,17 @@ Each message goes through:
    the priority's SLA and reassigned to ``escalate_to`` when overdue) when the message is
    out of scope, the gateway says a person should decide, or the priority is high.
 
+Messages come in by the REST API (``POST /messages``, `Support.receive`), by e-mail (`watch`:
+``.eml`` files dropped in a folder, e.g. a mail server's delivery folder; `read_email` turns
+one into a message, its thread found from ``References`` / ``In-Reply-To``) or by an event
+stream (``support.event``: point a Redis Streams, NATS JetStream or Kafka consumer of
+`flowdesk.triggers` at it; each stream message is a JSON `IncomingMessage`). E-mail and
+stream messages each start one small intake run (once per file or stream message, however
+often it is delivered), which hands the message to its conversation with an id; a
+conversation handles a message id once, so an intake run replayed after a crash, or the
+same e-mail dropped twice, is not answered twice. Intake runs run side by side, so two
+messages of one thread that arrive together may be handled in either order.
+
 A customer who asks for a person ("human", "agent", "person", ...: `asks_for`) is handed to
 one, and one who asks for a ticket gets one, whatever the classifier says. Each message's
 outcome is recorded as the step ``support.outcome``, so a conversation still in progress
@@ -41,13 +52,20 @@ model is involved anywhere.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import email
+import email.policy
+import email.utils
+import hashlib
+import html
 import re
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from flowdesk import errors
 from flowdesk.assistants import drafts as drafts_mod
@@ -59,11 +77,27 @@ from flowdesk.engine.app import App
 from flowdesk.engine.context import Context, current_step
 from flowdesk.models import pii
 from flowdesk.store import base
+from flowdesk.triggers import filedrop
 
-__all__ = ["CONVERSATION", "Review", "Support", "asks_for", "priority", "sentiment"]
+__all__ = [
+    "CONVERSATION",
+    "EMAIL_INTAKE",
+    "EVENT_INTAKE",
+    "IncomingMessage",
+    "Mail",
+    "Review",
+    "Support",
+    "asks_for",
+    "priority",
+    "read_email",
+    "sentiment",
+]
 
 CONVERSATION = "support.conversation"
+EMAIL_INTAKE = "support.email"
+EVENT_INTAKE = "support.event"
 MESSAGE = "message"
+MAX_TEXT = 20_000
 
 _WORD = re.compile(r"[a-z']+")
 NEGATIVE = frozenset(
@@ -136,6 +170,92 @@ def asks_for(text: str) -> Literal["person", "ticket"] | None:
     return "ticket" if ASK_TICKET.search(text) else None
 
 
+class IncomingMessage(BaseModel):
+    """A customer message from an event stream: the JSON body of one stream message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    thread_id: str = Field(min_length=1, max_length=200)
+    customer: str = Field(min_length=1, max_length=200)
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
+    email: str | None = Field(default=None, max_length=320)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Mail:
+    """A customer e-mail as a message: its thread, a pseudonymous customer id, the text."""
+
+    thread_id: str
+    customer: str
+    text: str
+    email: str | None
+    message_id: str | None
+
+
+_QUOTE_HEADER = re.compile(r"^\s*(?:On\b.{0,200}\bwrote:|-{2,}\s*Original Message\s*-{2,})\s*$")
+_SUBJECT_PREFIX = re.compile(r"^\s*(?:(?:re|fwd?|aw|wg|tr)\s*:\s*)+", re.IGNORECASE)
+_TAG = re.compile(r"<(?:script|style)\b.*?</(?:script|style)>|<[^>]+>", re.IGNORECASE | re.DOTALL)
+_MESSAGE_ID = re.compile(r"<([^<>\s]{1,250})>")
+
+
+def _ids(value: str | None) -> list[str]:
+    return _MESSAGE_ID.findall(str(value or ""))
+
+
+def mail_customer(address: str) -> str:
+    """The customer id of an e-mail sender: a pseudonym (``mail-`` and 16 hex digits of
+    the address's SHA-256), since customer ids show in task titles, which are not
+    encrypted. The address itself travels with the message, encrypted."""
+    return "mail-" + hashlib.sha256(address.strip().lower().encode("utf-8")).hexdigest()[:16]
+
+
+def read_email(raw: bytes) -> Mail:
+    """The customer message in the RFC 822 e-mail ``raw``.
+
+    The thread is the first message of the conversation: the first id in ``References``,
+    else ``In-Reply-To``, else the e-mail's own ``Message-ID`` (a new thread). The text is
+    the subject (without "Re:" / "Fwd:") and the plain-text body (else the HTML body's
+    text) down to the quoted earlier message ("On ... wrote:", lines starting with ">").
+    Raises `errors.Permanent` with the reason when ``raw`` is not such an e-mail.
+    """
+    try:
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        sender = email.utils.parseaddr(str(msg.get("From") or ""))[1]
+        own = _ids(msg.get("Message-ID"))
+        first = _ids(msg.get("References")) or _ids(msg.get("In-Reply-To")) or own
+        thread = first[0] if first else None
+        subject = _SUBJECT_PREFIX.sub("", str(msg.get("Subject") or "")).strip()
+        part = msg.get_body(preferencelist=("plain", "html"))
+        body = "" if part is None else str(part.get_content())
+        is_html = part is not None and part.get_content_subtype() == "html"
+    except (LookupError, ValueError, TypeError, AttributeError, UnicodeError) as exc:
+        raise errors.Permanent(f"not a readable e-mail: {exc}") from exc
+    if not sender or "@" not in sender:
+        raise errors.Permanent("the e-mail has no sender address (From:)")
+    if thread is None:
+        raise errors.Permanent("the e-mail has no Message-ID, References or In-Reply-To")
+    if is_html:
+        body = html.unescape(_TAG.sub(" ", body))
+    lines: list[str] = []
+    for line in body.replace("\r\n", "\n").split("\n"):
+        if _QUOTE_HEADER.match(line):
+            break
+        if not line.lstrip().startswith(">"):
+            lines.append(line.rstrip())
+    text = re.sub(r"[ \t]+", " ", "\n".join(lines)).strip()
+    if subject and subject.lower() not in text.lower():
+        text = f"{subject}\n{text}".strip()
+    if not text:
+        raise errors.Permanent("the e-mail has no text (subject and body are empty)")
+    return Mail(
+        thread_id=f"mail:{thread}",
+        customer=mail_customer(sender),
+        text=text[:MAX_TEXT],
+        email=sender,
+        message_id=own[0] if own else None,
+    )
+
+
 class Review(BaseModel):
     """What the person decides for an escalated message."""
 
@@ -185,17 +305,27 @@ class Support:
         installed.of(app).support = self
 
     async def receive(
-        self, thread_id: str, customer: str, text: str, *, email: str | None = None
+        self,
+        thread_id: str,
+        customer: str,
+        text: str,
+        *,
+        email: str | None = None,
+        message_id: str | None = None,
     ) -> tuple[str, bool]:
         """Deliver a message to its thread's running conversation, or start one.
-        Returns ``(run id, started)``."""
+        Returns ``(run id, started)``. A conversation handles each ``message_id`` once:
+        delivering the same id again is harmless."""
+        message: dict[str, Any] = {"text": text, "email": email}
+        if message_id is not None:
+            message["id"] = message_id
         key = f"support-thread:{thread_id}"
         for _ in range(1000):
             handle = await self.app.start(
                 CONVERSATION, {"thread_id": thread_id, "customer": customer}, idempotency_key=key
             )
             try:
-                await self.app.signal(handle.id, MESSAGE, {"text": text, "email": email})
+                await self.app.signal(handle.id, MESSAGE, message)
             except errors.InvalidState:  # that conversation ended: the next one
                 key = f"support-thread:{thread_id}:after:{handle.id}"
                 continue
@@ -212,6 +342,14 @@ class Support:
             idempotency_key=f"support-thread:{thread_id}",
         )
         return handle.id
+
+    def watch(self, folder: str | Path, **options: Any) -> filedrop.FileDrop:
+        """A `FileDrop` on ``folder`` (``*.eml`` files): each e-mail dropped there is a
+        customer message (`read_email`). Call ``run()`` on it. An e-mail that cannot be
+        read fails its intake run and goes to ``failed/`` with the reason."""
+        return filedrop.FileDrop(
+            self.app, folder, workflow=EMAIL_INTAKE, **{"pattern": "*.eml", **options}
+        )
 
     async def runs(self, thread_id: str) -> list[base.RunRecord]:
         """The thread's conversations, oldest first (empty for an unknown thread), found by
@@ -372,11 +510,16 @@ class Support:
         @app.workflow(CONVERSATION)
         async def conversation(ctx: Context, thread_id: str, customer: str) -> dict[str, Any]:
             handled: list[dict[str, Any]] = []
+            seen: set[str] = set()
             while True:
                 try:
                     message = await ctx.wait_signal(MESSAGE, timeout=self.idle)
                 except errors.WaitTimeout:
                     break
+                if message.get("id") is not None:  # delivered by an intake run
+                    if message["id"] in seen:
+                        continue  # that run was replayed after a crash: handled already
+                    seen.add(str(message["id"]))
                 # Runs already past this point when it was added keep their recorded history.
                 arrived = ctx.now() if ctx.version("time-to-resolution", 1) else None
                 result = await handle(ctx, thread_id, customer, message)
@@ -389,3 +532,32 @@ class Support:
                     seconds = (ctx.now() - arrived).total_seconds()
                     ctx.metric(time_to_resolution, seconds, outcome=outcome)
             return {"thread_id": thread_id, "customer": customer, "messages": handled}
+
+        @app.step(name="support.read_email")
+        async def read_mail(path: str) -> dict[str, Any]:
+            return dataclasses.asdict(read_email(await asyncio.to_thread(Path(path).read_bytes)))
+
+        @app.step(name="support.deliver")
+        async def deliver(message: dict[str, Any], message_id: str) -> dict[str, Any]:
+            run_id, started = await self.receive(
+                str(message["thread_id"]),
+                str(message["customer"]),
+                str(message["text"]),
+                email=message.get("email"),
+                message_id=message_id,
+            )
+            return {"conversation": run_id, "started": started}
+
+        @app.workflow(EMAIL_INTAKE)
+        async def email_intake(
+            ctx: Context, path: str, name: str, sha256: str, size: int
+        ) -> dict[str, Any]:
+            mail: dict[str, Any] = await ctx.step(read_mail, path)
+            # The Message-ID, so the same e-mail dropped twice is one message.
+            key = f"email:{mail['message_id'] or sha256}"
+            return await ctx.step(deliver, mail, key)
+
+        @app.workflow(EVENT_INTAKE)
+        async def event_intake(ctx: Context, message: IncomingMessage) -> dict[str, Any]:
+            # One intake run per stream message (the consumer's idempotency key).
+            return await ctx.step(deliver, message.model_dump(), f"event:{ctx.run_id}")

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from flowdesk import errors
 from flowdesk.assistants import installed
 from flowdesk.assistants import invoices as inv
+from flowdesk.assistants import support as support_mod
 from flowdesk.assistants.approvals import ApprovalRequest
 from flowdesk.server import api
 from flowdesk.server import schemas as s
@@ -103,6 +104,48 @@ async def take_message(
         body.thread_id, body.customer, body.text, email=body.email
     )
     return MessageOut(run_id=run_id, thread_id=body.thread_id, started=started)
+
+
+MAX_EMAIL_BYTES = 1024 * 1024
+
+
+@router.post(
+    "/messages/email",
+    status_code=202,
+    response_model=MessageOut,
+    responses=api.errs(*api.AUTH, 404, 409, 413, 415, 422),
+    summary="Take a customer e-mail",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"message/rfc822": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def take_email(request: Request, svc: api.Svc, user: RunsWrite) -> MessageOut:
+    """The body is the whole e-mail (``Content-Type: message/rfc822``), as a mail server
+    hands it over. Its thread comes from ``References`` / ``In-Reply-To`` (a reply joins
+    its conversation); the same e-mail twice (one ``Message-ID``) is one message."""
+    support = installed.support(svc.app)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "message/rfc822":
+        raise errors.UnsupportedDocument(
+            f"Content-Type {kind or '(none)'!r} is not taken here: send the e-mail as "
+            "message/rfc822"
+        )
+    data = await _body(request, MAX_EMAIL_BYTES)
+    try:
+        mail = support_mod.read_email(data)
+    except errors.Permanent as exc:
+        raise errors.DocumentError(str(exc)) from exc
+    run_id, started = await support.receive(
+        mail.thread_id,
+        mail.customer,
+        mail.text,
+        email=mail.email,
+        message_id=f"email:{mail.message_id or hashlib.sha256(data).hexdigest()}",
+    )
+    return MessageOut(run_id=run_id, thread_id=mail.thread_id, started=started)
 
 
 class InvoiceRun(BaseModel):
