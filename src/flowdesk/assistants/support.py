@@ -46,8 +46,10 @@ chat rebuilds its transcript from them).
 With ``draft_task`` (a generative task of the gateway, e.g. ``support_reply``), an answer
 is written by that model from the cited articles and streamed as it is written
 (`drafts`: the web chat shows it live); when the model fails or refuses, the
-knowledge-base excerpt is sent instead, never an unchecked draft. Without it, no language
-model is involved anywhere.
+knowledge-base excerpt is sent instead, never an unchecked draft. A follow-up's draft sees
+the conversation's last three turns; a message handed to a person for low model confidence
+gets a draft too, in the task, for that person to check and send. Without ``draft_task``,
+no language model is involved anywhere.
 """
 
 from __future__ import annotations
@@ -256,6 +258,16 @@ def read_email(raw: bytes) -> Mail:
     )
 
 
+def _said(turn: Mapping[str, Any]) -> str:
+    """What the assistant answered to an earlier message, in a word when not in words."""
+    reply = turn.get("reply") or (turn.get("review") or {}).get("reply")
+    if isinstance(reply, dict):
+        return str(reply.get("answer") or "")
+    if reply:
+        return str(reply)
+    return f"({turn.get('outcome', 'no answer')})"
+
+
 class Review(BaseModel):
     """What the person decides for an escalated message."""
 
@@ -402,13 +414,18 @@ class Support:
             text: str,
             good: list[dict[str, Any]],
             suggestion: dict[str, Any],
+            earlier: Sequence[dict[str, Any]] = (),
         ) -> dict[str, Any]:
             assert self.draft_task is not None
             articles = "\n\n".join(f"{h['title']}: {h['excerpt']}" for h in good[:2])
+            turns = "".join(
+                f"Customer: {turn['text']}\nAnswer: {_said(turn)}\n" for turn in earlier[-3:]
+            )
+            before = f"Earlier in this conversation:\n{turns}\n" if turns else ""
             prompt = (
                 "You answer customers of a bank. Using only the help-centre articles below, "
                 "answer the customer's message in at most three sentences.\n\n"
-                f"{articles}\n\nCustomer: {text}\nAnswer:"
+                f"{articles}\n\n{before}Customer: {text}\nAnswer:"
             )
             try:
                 drafted = await ctx.model(
@@ -427,12 +444,18 @@ class Support:
             return {**suggestion, "answer": written, "drafted": True, "draft_model": model}
 
         async def handle(
-            ctx: Context, thread_id: str, customer: str, message: dict[str, Any]
+            ctx: Context,
+            thread_id: str,
+            customer: str,
+            message: dict[str, Any],
+            earlier: Sequence[dict[str, Any]],
         ) -> dict[str, Any]:
             clean: dict[str, Any] = await ctx.step(redact, str(message["text"]))
             text = clean["text"]
             # Runs already past this point when it was added keep their recorded history.
             wants = asks_for(text) if ctx.version("customer-asks", 1) else None
+            # Drafts that see the conversation so far, and drafts for a person to check.
+            in_context = self.draft_task is not None and bool(ctx.version("draft-context", 1))
             answer = await ctx.model(self.intent_task, text, data="internal", key=thread_id)
             intent = str(answer.label)
             confidence = float(answer.confidence or 0.0)
@@ -476,6 +499,11 @@ class Support:
                     if level == "high"
                     else "low model confidence"
                 )
+                if in_context and good and why == "low model confidence":
+                    # The person gets a drafted reply to check, beside the articles.
+                    result["suggestion"] = await draft(
+                        ctx, thread_id, text, good, suggestion or {}, earlier
+                    )
                 due = timedelta(seconds=self.sla[level])
                 review = await ctx.human_task(
                     "support.review",
@@ -500,7 +528,9 @@ class Support:
                 return result
             if suggestion is not None and confidence >= self.answer_below and wants is None:
                 if self.draft_task is not None and ctx.version("draft-reply", 1):
-                    suggestion = await draft(ctx, thread_id, text, good, suggestion)
+                    suggestion = await draft(
+                        ctx, thread_id, text, good, suggestion, earlier if in_context else ()
+                    )
                 result.update(outcome="answered", reply=suggestion)
                 return result
             filed: dict[str, Any] = await ctx.step(ticket, row)
@@ -522,7 +552,7 @@ class Support:
                     seen.add(str(message["id"]))
                 # Runs already past this point when it was added keep their recorded history.
                 arrived = ctx.now() if ctx.version("time-to-resolution", 1) else None
-                result = await handle(ctx, thread_id, customer, message)
+                result = await handle(ctx, thread_id, customer, message, handled)
                 if ctx.version("customer-asks", 1):
                     await ctx.step(record_outcome, result)
                 handled.append(result)
