@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from test_assistant_support import build, desk, models_toml, ticket_service  # noqa: F401
+from test_streams import rds  # noqa: F401
 
 import flowdesk
 from flowdesk import RunStatus, errors
@@ -27,8 +27,6 @@ from flowdesk.assistants import support as sup
 from flowdesk.governance import identity
 from flowdesk.server import app as server
 from flowdesk.triggers import redis as redis_source
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def mail(
@@ -183,22 +181,6 @@ async def test_emails_dropped_in_a_folder_reach_their_conversation_once(
 
 
 # -- an event stream: Redis Streams -----------------------------------------------------------
-@pytest.fixture
-async def rds() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(REDIS_URL, socket_connect_timeout=5)
-    try:
-        await client.ping()
-    except Exception as exc:
-        await client.aclose()
-        pytest.fail(
-            f"These tests need Redis at {REDIS_URL} and it does not answer ({exc}). Start it "
-            "(.ci/run shows how).",
-            pytrace=False,
-        )
-    yield client
-    await client.aclose()
-
-
 async def test_stream_messages_reach_their_conversation_and_bad_ones_are_dead_lettered(
     app: flowdesk.App, models_toml, desk, rds, wait_until, wait_status
 ) -> None:
