@@ -148,14 +148,9 @@ def _drop_mails() -> int:
 
 async def _watch_mail(support: sup.Support, stack: AsyncExitStack) -> None:
     dropped = await asyncio.to_thread(_drop_mails)
-    watcher = support.watch(MAIL, interval=1.0, settle=0.5)
-    watching = asyncio.create_task(watcher.run())
+    import invoice_demo  # examples/invoice_demo.py
 
-    async def stop() -> None:
-        watcher.stop()
-        await watching
-
-    stack.push_async_callback(stop)
+    invoice_demo.keep_watching(support.watch(MAIL, interval=1.0, settle=0.5), stack)
     print(f"support assistant: e-mails (.eml) in {MAIL}/ ({dropped} samples dropped in)")
 
 

@@ -25,6 +25,7 @@ from flowdesk.connectors import sql
 from flowdesk.documents.archive import Archive
 from flowdesk.engine import tasks
 from flowdesk.governance.identity import Identity
+from flowdesk.triggers import filedrop
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "tests" / "data" / "invoices"
@@ -83,6 +84,17 @@ def _drop_samples() -> int:
     return count
 
 
+def keep_watching(watcher: filedrop.FileDrop, stack: AsyncExitStack) -> None:
+    """Run ``watcher`` in the background until ``stack`` closes."""
+    watching = asyncio.create_task(watcher.run())
+
+    async def stop() -> None:
+        watcher.stop()
+        await watching
+
+    stack.push_async_callback(stop)
+
+
 async def install(app: flowdesk.App, stack: AsyncExitStack) -> inv.Invoices:
     """The invoice assistant on ``app``, watching ./invoices-inbox until ``stack`` closes."""
     identity = Identity(app)
@@ -103,14 +115,7 @@ async def install(app: flowdesk.App, stack: AsyncExitStack) -> inv.Invoices:
         reviewers=tasks.Assignees(groups=["ap"]),
     )
     dropped = await asyncio.to_thread(_drop_samples)
-    watcher = invoices.watch(INBOX, interval=1.0, settle=0.5)
-    watching = asyncio.create_task(watcher.run())
-
-    async def stop() -> None:
-        watcher.stop()
-        await watching
-
-    stack.push_async_callback(stop)
+    keep_watching(invoices.watch(INBOX, interval=1.0, settle=0.5), stack)
     print(
         f"invoice assistant: watching {INBOX}/ ({dropped} sample invoices dropped in); "
         "ledger in erp.db (table ap_invoices); reviews go to paula (group ap)"

@@ -211,6 +211,12 @@ def mail_customer(address: str) -> str:
     return "mail-" + hashlib.sha256(address.strip().lower().encode("utf-8")).hexdigest()[:16]
 
 
+def mail_key(message_id: str | None, sha256: str) -> str:
+    """The message id an e-mail is delivered under: its ``Message-ID``, so the same e-mail
+    received twice is one message, else the SHA-256 of its bytes."""
+    return f"email:{message_id or sha256}"
+
+
 def read_email(raw: bytes) -> Mail:
     """The customer message in the RFC 822 e-mail ``raw``.
 
@@ -583,9 +589,7 @@ class Support:
             ctx: Context, path: str, name: str, sha256: str, size: int
         ) -> dict[str, Any]:
             mail: dict[str, Any] = await ctx.step(read_mail, path)
-            # The Message-ID, so the same e-mail dropped twice is one message.
-            key = f"email:{mail['message_id'] or sha256}"
-            return await ctx.step(deliver, mail, key)
+            return await ctx.step(deliver, mail, mail_key(mail["message_id"], sha256))
 
         @app.workflow(EVENT_INTAKE)
         async def event_intake(ctx: Context, message: IncomingMessage) -> dict[str, Any]:

@@ -143,7 +143,7 @@ async def take_email(request: Request, svc: api.Svc, user: RunsWrite) -> Message
         mail.customer,
         mail.text,
         email=mail.email,
-        message_id=f"email:{mail.message_id or hashlib.sha256(data).hexdigest()}",
+        message_id=support_mod.mail_key(mail.message_id, hashlib.sha256(data).hexdigest()),
     )
     return MessageOut(run_id=run_id, thread_id=mail.thread_id, started=started)
 
